@@ -1,0 +1,34 @@
+"""Logging to the console and `train.log`; only rank 0 speaks."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "comoe"
+
+
+def setup_logger(output_dir: str | Path | None, rank: int = 0, filename: str = "train.log",
+                 name: str = LOGGER_NAME) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fmt = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir is not None:
+        file_handler = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
