@@ -1,0 +1,353 @@
+"""Token-level mixture of experts shared by the image and text branches.
+
+A `MoELayer` holds one `ExpertPool` (bottleneck adapters used by both
+modalities) and one `Router`. Router logits for a token ``h`` of modality
+``m`` are::
+
+    z = (1 - a) * G_m(h) + a * G_aux(u)
+
+with ``G_m`` a modality-specific linear gate, ``G_aux`` an auxiliary gate
+shared by both modalities, ``u = h`` ("token") or a learned per-layer vector
+("prompt"), and ``a = sigmoid(alpha)`` a learnable mixing weight. Each token
+goes to the top-k experts; the k selected logits are softmax-normalised into
+combine weights. The gate modes "modality" (no auxiliary gate) and "shared"
+(one gate for both modalities, no auxiliary gate) exist for ablations.
+
+Routing is strictly per token: there is no capacity limit and no token
+dropping, so a token's experts and output never depend on other tokens (or
+other samples) in the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AUX_INPUTS",
+    "GATE_MODES",
+    "MODALITIES",
+    "BottleneckExpert",
+    "ExpertPool",
+    "MoELayer",
+    "MoETokenOutput",
+    "Router",
+    "RouterOutput",
+    "RoutingStats",
+    "modality_index",
+]
+
+GATE_MODES = ("modality+aux", "modality", "shared")
+AUX_INPUTS = ("token", "prompt")
+MODALITIES = ("image", "text")
+
+# Gate weights ~ N(0, 0.02^2): for layer-normed tokens (unit variance per
+# feature) this gives logits with std 0.02 * sqrt(D) (~0.45 at D=512), enough
+# to break ties so different tokens pick different experts at initialisation,
+# while the router softmax stays close to uniform (balance loss ~1).
+GATE_INIT_STD = 0.02
+
+
+def modality_index(modality: str | int, num_modalities: int = len(MODALITIES)) -> int:
+    """Map a modality name ("image" / "text") or index to its gate index."""
+    if isinstance(modality, str):
+        if modality not in MODALITIES[:num_modalities]:
+            raise ValueError(
+                f"unknown modality {modality!r}; expected one of {MODALITIES[:num_modalities]}"
+            )
+        return MODALITIES.index(modality)
+    if isinstance(modality, int) and not isinstance(modality, bool) and 0 <= modality < num_modalities:
+        return modality
+    raise ValueError(
+        f"modality must be one of {MODALITIES[:num_modalities]} or an index in "
+        f"[0, {num_modalities}), got {modality!r}"
+    )
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one MoE layer for one modality.
+
+    All fields are sums over the routed (valid) tokens, so statistics from
+    several forward passes or ranks combine by addition (``a + b``, or an
+    all-reduce of each field).
+
+    Attributes:
+        prob_sum: (E,) sum over tokens of the router softmax over all experts;
+            differentiable (the balance and alignment losses train the router
+            through it).
+        counts: (E,) float, number of top-k selections of each expert; no grad.
+            ``counts.sum() == k * num_tokens``.
+        num_tokens: () float, number of routed tokens; no grad.
+    """
+
+    prob_sum: Tensor
+    counts: Tensor
+    num_tokens: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.prob_sum.shape[-1]
+
+    def __add__(self, other: RoutingStats) -> RoutingStats:
+        if not isinstance(other, RoutingStats):
+            return NotImplemented
+        if other.num_experts != self.num_experts:
+            raise ValueError(
+                f"cannot add RoutingStats over {self.num_experts} and {other.num_experts} experts"
+            )
+        return RoutingStats(
+            prob_sum=self.prob_sum + other.prob_sum,
+            counts=self.counts + other.counts,
+            num_tokens=self.num_tokens + other.num_tokens,
+        )
+
+    def mean_probs(self) -> Tensor:
+        """(E,) mean router probability per expert, P_e (differentiable)."""
+        return self.prob_sum / self.num_tokens.clamp(min=1)
+
+    def usage(self) -> Tensor:
+        """(E,) fraction of routed assignments that chose each expert, f_e (sums to 1)."""
+        return self.counts / self.counts.sum().clamp(min=1)
+
+
+class BottleneckExpert(nn.Module):
+    """Bottleneck adapter D -> D/r -> D with GELU and dropout.
+
+    The up-projection is zero-initialised, so a fresh expert outputs zeros.
+    """
+
+    def __init__(self, dim: int, reduction: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        hidden = dim // reduction
+        if reduction < 1 or hidden < 1:
+            raise ValueError(
+                f"expert reduction must satisfy 1 <= reduction <= dim (dim={dim}), got {reduction}"
+            )
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.trunc_normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, D) -> (N, D)."""
+        return self.up(self.drop(self.act(self.down(x))))
+
+
+class ExpertPool(nn.Module):
+    """`num_experts` bottleneck experts shared by both modalities."""
+
+    def __init__(self, dim: int, num_experts: int, reduction: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.experts = nn.ModuleList(
+            BottleneckExpert(dim, reduction, dropout) for _ in range(num_experts)
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: Tensor, selected: Tensor, weights: Tensor) -> Tensor:
+        """Run every token through its selected experts and combine.
+
+        Args:
+            x: (N, D) tokens.
+            selected: (N, k) long, expert index per routing slot.
+            weights: (N, k) combine weights.
+
+        Returns:
+            (N, D): ``sum_j weights[n, j] * expert[selected[n, j]](x[n])``,
+            accumulated in fp32 and cast back to ``x.dtype``.
+        """
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # N, D
+        token_ids = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(selected)
+        # Every expert runs, even on zero tokens: it keeps all expert parameters
+        # in the autograd graph, so DDP does not need find_unused_parameters.
+        for e, expert in enumerate(self.experts):
+            hit = selected == e  # N, k
+            rows = token_ids[hit]  # n_e
+            y = expert(x[rows])  # n_e, D
+            out.index_add_(0, rows, y.float() * weights[hit].unsqueeze(1).float())
+        return out.to(x.dtype)
+
+
+class RouterOutput(NamedTuple):
+    logits: Tensor  # N, E fp32 router logits z
+    probs: Tensor  # N, E softmax(z) over all experts
+    selected: Tensor  # N, k long, top-k experts in descending logit order
+    weights: Tensor  # N, k softmax over the k selected logits
+
+
+class Router(nn.Module):
+    """Top-k router with modality-specific and auxiliary gates.
+
+    Args:
+        dim: token width D.
+        num_experts: E.
+        topk: experts per token, 1 <= k <= E.
+        gate: "modality+aux" (CoMoE: per-modality gates mixed with a shared
+            auxiliary gate), "modality" (per-modality gates only) or "shared"
+            (one gate for every modality).
+        aux_input: input of the auxiliary gate, "token" (the token itself) or
+            "prompt" (a learned per-layer D-vector, so the auxiliary logits
+            act as a learned bias). Only used by gate "modality+aux".
+        mix_init: initial mixing weight a in (0, 1); a = sigmoid(alpha).
+        num_modalities: number of modality-specific gates.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        topk: int,
+        gate: str = "modality+aux",
+        aux_input: str = "token",
+        mix_init: float = 0.5,
+        num_modalities: int = len(MODALITIES),
+    ) -> None:
+        super().__init__()
+        if gate not in GATE_MODES:
+            raise ValueError(f"unknown router gate {gate!r}; expected one of {GATE_MODES}")
+        if aux_input not in AUX_INPUTS:
+            raise ValueError(f"unknown router aux_input {aux_input!r}; expected one of {AUX_INPUTS}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= topk <= num_experts:
+            raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
+        if not 0.0 < mix_init < 1.0:
+            raise ValueError(f"mix_init must be in the open interval (0, 1), got {mix_init}")
+        if not 1 <= num_modalities <= len(MODALITIES):
+            raise ValueError(f"num_modalities must be in [1, {len(MODALITIES)}], got {num_modalities}")
+        self.num_experts = num_experts
+        self.topk = topk
+        self.gate = gate
+        self.aux_input = aux_input
+        self.num_modalities = num_modalities
+
+        num_gates = 1 if gate == "shared" else num_modalities
+        self.gates = nn.ModuleList(nn.Linear(dim, num_experts, bias=False) for _ in range(num_gates))
+        self.aux_gate = None
+        self.alpha = None
+        self.prompt = None
+        if gate == "modality+aux":
+            self.aux_gate = nn.Linear(dim, num_experts, bias=False)
+            self.alpha = nn.Parameter(torch.tensor(math.log(mix_init / (1.0 - mix_init))))
+            if aux_input == "prompt":
+                # Small init: a prompt as large as a layer-normed token would add
+                # a random per-expert bias as large as the token logits' spread
+                # and starve some experts from the first step.
+                self.prompt = nn.Parameter(torch.randn(dim) * GATE_INIT_STD)
+        for lin in self.gates:
+            nn.init.normal_(lin.weight, std=GATE_INIT_STD)
+        if self.aux_gate is not None:
+            nn.init.normal_(self.aux_gate.weight, std=GATE_INIT_STD)
+
+    def mix_weight(self) -> Tensor | None:
+        """The mixing weight a = sigmoid(alpha), or None without auxiliary gate."""
+        return None if self.alpha is None else torch.sigmoid(self.alpha)
+
+    def logits(self, h: Tensor, modality: str | int) -> Tensor:
+        """Router logits z: (N, D) -> (N, E), computed in fp32."""
+        m = modality_index(modality, self.num_modalities)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            gate = self.gates[0 if self.gate == "shared" else m]
+            z = F.linear(h, gate.weight.float())  # N, E
+            if self.aux_gate is not None:
+                u = h if self.prompt is None else self.prompt.float().unsqueeze(0)  # N|1, D
+                a = torch.sigmoid(self.alpha.float())
+                z = (1.0 - a) * z + a * F.linear(u, self.aux_gate.weight.float())
+        return z
+
+    def forward(self, h: Tensor, modality: str | int) -> RouterOutput:
+        """Route tokens h: (N, D) of one modality; see `RouterOutput` for shapes."""
+        z = self.logits(h, modality)  # N, E
+        top_logits, selected = z.topk(self.topk, dim=-1)  # N, k
+        return RouterOutput(
+            logits=z,
+            probs=z.softmax(dim=-1),
+            selected=selected,
+            weights=top_logits.softmax(dim=-1),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, topk={self.topk}, gate={self.gate!r}, "
+            f"aux_input={self.aux_input!r}"
+        )
+
+
+class MoETokenOutput(NamedTuple):
+    out: Tensor  # N, D combined expert outputs
+    stats: RoutingStats
+    selected: Tensor  # N, k
+    weights: Tensor  # N, k
+
+
+class MoELayer(nn.Module):
+    """Router + shared expert pool; routes valid tokens only.
+
+    Args mirror `Router` and `ExpertPool`; ``dropout`` is the expert dropout.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int = 4,
+        topk: int = 2,
+        reduction: int = 8,
+        dropout: float = 0.1,
+        gate: str = "modality+aux",
+        aux_input: str = "token",
+        mix_init: float = 0.5,
+        num_modalities: int = len(MODALITIES),
+    ) -> None:
+        super().__init__()
+        self.router = Router(dim, num_experts, topk, gate, aux_input, mix_init, num_modalities)
+        self.expert_pool = ExpertPool(dim, num_experts, reduction, dropout)
+
+    def route_tokens(self, x: Tensor, modality: str | int) -> MoETokenOutput:
+        """Route a flat set of tokens x: (N, D) of one modality.
+
+        Returns the combined expert output (N, D), this call's `RoutingStats`
+        and the routing decision (selected experts and combine weights, (N, k)).
+        """
+        routing = self.router(x, modality)
+        out = self.expert_pool(x, routing.selected, routing.weights)  # N, D
+        with torch.no_grad():
+            counts = torch.bincount(
+                routing.selected.flatten(), minlength=self.router.num_experts
+            ).float()
+        stats = RoutingStats(
+            prob_sum=routing.probs.sum(dim=0),
+            counts=counts,
+            num_tokens=torch.tensor(float(x.shape[0]), device=x.device),
+        )
+        return MoETokenOutput(out, stats, routing.selected, routing.weights)
+
+    def forward(self, x: Tensor, valid: Tensor, modality: str | int) -> tuple[Tensor, RoutingStats]:
+        """Route the valid tokens of a padded batch.
+
+        Args:
+            x: (B, L, D) tokens (already layer-normed by the caller).
+            valid: (B, L) bool, True for real tokens, False for padding.
+            modality: "image" or "text".
+
+        Returns:
+            (B, L, D) MoE output, exactly zero at padded positions, and the
+            layer's `RoutingStats` over the valid tokens.
+        """
+        routed = self.route_tokens(x[valid], modality)  # N_valid, D
+        out = x.new_zeros(x.shape)  # B, L, D
+        out[valid] = routed.out
+        return out, routed.stats

@@ -1,0 +1,150 @@
+"""Loss functions: SDM and ITC (retrieval) and CoAR (routing regulariser).
+
+Pure functions on batch-first tensors. Similarity logits are computed in fp32
+whatever the autocast state, for stability of the softmax at logit scale 50.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.moe import RoutingStats
+
+__all__ = ["coar_loss", "itc_loss", "js_divergence", "sdm_loss"]
+
+
+def _scaled_cosine(a: Tensor, b: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """logit_scale * cos(a_i, b_j) in fp32: (N, D), (M, D) -> (N, M)."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a = F.normalize(a.float(), dim=-1)
+        b = F.normalize(b.float(), dim=-1)
+        scale = logit_scale.float() if isinstance(logit_scale, Tensor) else float(logit_scale)
+        return scale * (a @ b.t())
+
+
+def sdm_loss(
+    image_feats: Tensor,
+    text_feats: Tensor,
+    pids: Tensor,
+    logit_scale: float | Tensor,
+    epsilon: float = 1e-8,
+) -> Tensor:
+    """Similarity distribution matching (IRRA, CVPR 2023).
+
+    For each image (text), KL(p || q) between p = softmax over the batch's
+    texts (images) of scaled cosine similarities and q = the uniform
+    distribution over the texts (images) of the same identity; image->text
+    plus text->image, each averaged over rows.
+
+    Args:
+        image_feats: (B, D) image embeddings (normalised here).
+        text_feats: (B, D) text embeddings, paired with ``image_feats``.
+        pids: (B,) identity labels.
+        logit_scale: inverse temperature (50 for temperature 0.02).
+        epsilon: added to q inside the log (q has zeros).
+
+    Returns:
+        () loss.
+    """
+    if image_feats.shape[0] != text_feats.shape[0] or pids.shape[0] != image_feats.shape[0]:
+        raise ValueError(
+            f"sdm_loss needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
+        )
+    pids = pids.reshape(-1, 1)
+    labels = (pids == pids.t()).float()  # B, B
+    target = labels / labels.sum(dim=1, keepdim=True)  # B, B rows sum to 1
+    log_target = torch.log(target + epsilon)
+    image_to_text = _scaled_cosine(image_feats, text_feats, logit_scale)  # B, B
+    loss = image_feats.new_zeros((), dtype=torch.float32)
+    for logits in (image_to_text, image_to_text.t()):
+        log_p = F.log_softmax(logits, dim=1)
+        loss = loss + (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
+    return loss
+
+
+def itc_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """Symmetric InfoNCE (CLIP): the i-th image and i-th text are the positives.
+
+    Args:
+        image_feats: (B, D) image embeddings (normalised here).
+        text_feats: (B, D) text embeddings.
+        logit_scale: inverse temperature.
+
+    Returns:
+        () mean of the image->text and text->image cross-entropies.
+    """
+    if image_feats.shape[0] != text_feats.shape[0]:
+        raise ValueError(
+            f"itc_loss needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}"
+        )
+    image_to_text = _scaled_cosine(image_feats, text_feats, logit_scale)  # B, B
+    targets = torch.arange(image_to_text.shape[0], device=image_to_text.device)
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(image_to_text.t(), targets)) / 2
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of distributions over the last dim."""
+    m = (p + q) / 2
+    kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim=-1)
+    kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(dim=-1)
+    return (kl_pm + kl_qm) / 2
+
+
+def coar_loss(
+    image_stats: Sequence[RoutingStats],
+    text_stats: Sequence[RoutingStats],
+    lambda_align: float = 0.1,
+) -> dict[str, Tensor]:
+    """Collaboration-aware auxiliary regularisation of the MoE routers.
+
+    Per layer, with f^m_e the fraction of modality m's routed assignments that
+    chose expert e (``counts / counts.sum()``, no grad) and P^m_e the mean
+    router probability of modality m (differentiable):
+
+    - balance = E * sum_e f_e * P_e with f = (f^image + f^text) / 2 and
+      P = (P^image + P^text) / 2, so each modality counts equally whatever its
+      token count. It equals 1 when f and P are uniform (the minimum whenever
+      f = P, by Cauchy-Schwarz) and E when every assignment and all the
+      probability mass go to one expert.
+    - align = JS(P^image, P^text), natural log, in [0, ln 2].
+
+    Args:
+        image_stats: one `RoutingStats` per MoE layer from the image pass.
+        text_stats: the same layers from the text pass.
+        lambda_align: weight of the alignment term.
+
+    Returns:
+        {"coar": sum over layers of balance + lambda_align * align (the term to
+        optimise), "balance": summed balance, "align": summed alignment}. The
+        parts are for logging; adding them to the loss again would count them
+        twice.
+    """
+    if len(image_stats) != len(text_stats):
+        raise ValueError(
+            f"coar_loss needs one RoutingStats per layer for both modalities, got "
+            f"{len(image_stats)} image and {len(text_stats)} text layers"
+        )
+    if not image_stats:
+        raise ValueError(
+            "coar_loss got no routing statistics: the head has no MoE layers "
+            "(num_experts = 0); drop 'coar' from the loss names"
+        )
+    balance = 0.0
+    align = 0.0
+    for img, txt in zip(image_stats, text_stats):
+        if img.num_experts != txt.num_experts:
+            raise ValueError(
+                f"image and text routing statistics disagree on the number of experts "
+                f"({img.num_experts} vs {txt.num_experts})"
+            )
+        p_img, p_txt = img.mean_probs().float(), txt.mean_probs().float()  # E, E
+        f = (img.usage().float() + txt.usage().float()).detach() / 2  # E
+        p = (p_img + p_txt) / 2  # E
+        balance = balance + img.num_experts * (f * p).sum()
+        align = align + js_divergence(p_img, p_txt)
+    return {"coar": balance + lambda_align * align, "balance": balance, "align": align}
