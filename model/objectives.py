@@ -119,8 +119,8 @@ def coar_loss(
         lambda_align: weight of the alignment term.
 
     Returns:
-        {"coar": sum over layers of balance + lambda_align * align (the term to
-        optimise), "balance": summed balance, "align": summed alignment}. The
+        {"total": sum over layers of balance + lambda_align * align (the term
+        to optimise), "balance": summed balance, "align": summed alignment}. The
         parts are for logging; adding them to the loss again would count them
         twice.
     """
@@ -147,4 +147,4 @@ def coar_loss(
         p = (p_img + p_txt) / 2  # E
         balance = balance + img.num_experts * (f * p).sum()
         align = align + js_divergence(p_img, p_txt)
-    return {"coar": balance + lambda_align * align, "balance": balance, "align": align}
+    return {"total": balance + lambda_align * align, "balance": balance, "align": align}

@@ -184,7 +184,7 @@ def test_gradients_reach_every_parameter(gate, aux_input):
     img_emb = fuse_embedding(images[:, 0], img_out, torch.ones(3, 9, dtype=torch.bool))
     txt_emb = fuse_embedding(texts[:, -1], txt_out, text_valid)
     loss = (img_emb * txt_emb).sum() + img_out.pow(2).mean() + txt_out.pow(2).mean()
-    loss = loss + coar_loss(img_stats, txt_stats, lambda_align=0.5)["coar"]
+    loss = loss + coar_loss(img_stats, txt_stats, lambda_align=0.5)["total"]
     loss.backward()
     names = [n for n, _ in head.named_parameters()]
     assert any("alpha" in n for n in names) == (gate == "modality+aux")

@@ -93,7 +93,7 @@ def test_coar_balance_bounds():
     out = coar_loss([uniform_img], [uniform_txt], lambda_align=1.0)
     assert out["balance"].item() == pytest.approx(1.0)
     assert out["align"].item() == pytest.approx(0.0, abs=1e-7)
-    assert out["coar"].item() == pytest.approx(1.0)
+    assert out["total"].item() == pytest.approx(1.0)
     # k = 1 and every token sends all its probability to expert 2: the maximum, E.
     collapsed_img = _stats([0.0, 0.0, 1.0, 0.0], [0, 0, 193, 0], 193)
     collapsed_txt = _stats([0.0, 0.0, 1.0, 0.0], [0, 0, 20, 0], 20)
@@ -116,7 +116,7 @@ def test_coar_weights_modalities_equally():
     out = coar_loss([img], [txt], lambda_align=0.5)
     assert out["balance"].item() == pytest.approx(4 * (0.25 + 0.25))
     assert out["align"].item() == pytest.approx(math.log(2))
-    assert out["coar"].item() == pytest.approx(2.0 + 0.5 * math.log(2))
+    assert out["total"].item() == pytest.approx(2.0 + 0.5 * math.log(2))
 
 
 def test_coar_alignment_is_hand_computed_js_and_sums_layers():
@@ -132,17 +132,17 @@ def test_coar_alignment_is_hand_computed_js_and_sums_layers():
     single = coar_loss([img], [txt], lambda_align=0.3)
     assert single["align"].item() == pytest.approx(js, rel=1e-5)
     assert single["balance"].item() == pytest.approx(balance, rel=1e-5)
-    assert single["coar"].item() == pytest.approx(balance + 0.3 * js, rel=1e-5)
+    assert single["total"].item() == pytest.approx(balance + 0.3 * js, rel=1e-5)
     uniform = _stats(q, [5, 5, 5, 5], 10)
     two_layers = coar_loss([img, uniform], [txt, uniform], lambda_align=0.3)
-    assert two_layers["coar"].item() == pytest.approx(balance + 0.3 * js + 1.0, rel=1e-5)
+    assert two_layers["total"].item() == pytest.approx(balance + 0.3 * js + 1.0, rel=1e-5)
     assert js_divergence(torch.tensor(p), torch.tensor(p)).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_coar_gradient_flows_through_probabilities_only():
     img = _stats([0.4, 0.3, 0.2, 0.1], [12, 4, 2, 2], 10, requires_grad=True)
     txt = _stats([0.1, 0.2, 0.3, 0.4], [2, 4, 6, 8], 10, requires_grad=True)
-    coar_loss([img], [txt], lambda_align=0.0)["coar"].backward()
+    coar_loss([img], [txt], lambda_align=0.0)["total"].backward()
     # d balance / d prob_sum^m = E * f / 2 / num_tokens^m, f a constant.
     f = (torch.tensor([12.0, 4, 2, 2]) / 20 + torch.tensor([2.0, 4, 6, 8]) / 20) / 2
     torch.testing.assert_close(img.prob_sum.grad, 4 * f / 2 / 10)
