@@ -1,4 +1,6 @@
-"""Loss functions: SDM and ITC (retrieval) and CoAR (routing regulariser).
+"""Loss functions: SDM and ITC (retrieval), CoAR (routing regulariser) and the
+baseline terms ID (identity classification), CMPM (cross-modal projection
+matching) and MLM (masked language modelling, with its head in `model.mlm`).
 
 Pure functions on batch-first tensors. Similarity logits are computed in fp32
 whatever the autocast state, for stability of the softmax at logit scale 50.
@@ -9,11 +11,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.moe import RoutingStats
 
-__all__ = ["coar_loss", "itc_loss", "js_divergence", "sdm_loss"]
+__all__ = ["cmpm_loss", "coar_loss", "id_loss", "itc_loss", "js_divergence", "mlm_loss", "sdm_loss"]
 
 
 def _scaled_cosine(a: Tensor, b: Tensor, logit_scale: float | Tensor) -> Tensor:
@@ -148,3 +150,101 @@ def coar_loss(
         balance = balance + img.num_experts * (f * p).sum()
         align = align + js_divergence(p_img, p_txt)
     return {"total": balance + lambda_align * align, "balance": balance, "align": align}
+
+
+def id_loss(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
+    """Identity classification of both modalities through one shared classifier.
+
+    The instance loss of Zheng et al. (arXiv:1711.05535) as IRRA uses it: the
+    mean, not the sum, of the image and text cross-entropies, so the term has
+    the scale of one cross-entropy whatever the number of modalities.
+
+    Args:
+        classifier: ``nn.Linear(D, num_classes)`` shared by images and texts.
+        image_feats: (B, D) image embeddings (not normalised).
+        text_feats: (B, D) text embeddings.
+        pids: (B,) identity labels in [0, num_classes).
+
+    Returns:
+        () loss. The logits are computed in fp32 whatever the autocast state.
+    """
+    if image_feats.shape != text_feats.shape or pids.shape != image_feats.shape[:1]:
+        raise ValueError(
+            f"id_loss needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
+        )
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):
+        image_logits = classifier(image_feats.float())  # B, C
+        text_logits = classifier(text_feats.float())  # B, C
+    return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
+
+
+def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """Cross-modal projection matching (Zhang & Lu, ECCV 2018).
+
+    Each embedding is projected onto the normalised embeddings of the other
+    modality, ``image_i . text_j / |text_j|``: the projection keeps the
+    query's norm and there is no temperature. For each row, KL(p || q) between
+    p = softmax of the projections and q = the same-identity indicator divided
+    by its L2 norm (1 / sqrt(n) on the n positives), image->text plus
+    text->image, each averaged over rows.
+
+    The L2 normalisation of q follows the public implementations (IRRA's
+    ``compute_cmpm`` and other public PyTorch ports); the paper writes an L1
+    normalisation (1 / n). The two differ only in the per-row constant
+    -log q that weighs the probability mass on the positives.
+
+    Args:
+        image_feats: (B, D) image embeddings (not normalised).
+        text_feats: (B, D) text embeddings, paired with ``image_feats``.
+        pids: (B,) identity labels.
+        epsilon: added to q inside the log (q has zeros).
+
+    Returns:
+        () loss, computed in fp32.
+    """
+    if image_feats.shape != text_feats.shape or pids.shape != image_feats.shape[:1]:
+        raise ValueError(
+            f"cmpm_loss needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
+        )
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):
+        image_feats, text_feats = image_feats.float(), text_feats.float()
+        image_proj_text = image_feats @ F.normalize(text_feats, dim=-1).t()  # B, B
+        text_proj_image = text_feats @ F.normalize(image_feats, dim=-1).t()  # B, B
+        pids = pids.reshape(-1, 1)
+        labels = (pids == pids.t()).float()  # B, B
+        log_target = torch.log(labels / labels.norm(dim=1, keepdim=True) + epsilon)
+        loss = image_feats.new_zeros(())
+        for logits in (image_proj_text, text_proj_image):
+            log_p = F.log_softmax(logits, dim=1)
+            loss = loss + (log_p.exp() * (log_p - log_target)).sum(dim=1).mean()
+    return loss
+
+
+def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of masked-token predictions over the labelled positions.
+
+    Args:
+        logits: (..., V) token scores, e.g. (B, L, V) from `model.mlm.MLMHead`
+            or (M, V) at the M selected positions only.
+        labels: (...) original token ids at the selected positions and
+            ``ignore_index`` elsewhere (see `model.mlm.mask_caption_tokens`).
+        ignore_index: label value of the positions that do not count.
+
+    Returns:
+        () mean cross-entropy over the labelled positions, in fp32; 0 (still
+        attached to ``logits``, so backward works) when nothing is labelled.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"mlm_loss needs logits (..., V) matching labels (...), got logits "
+            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # N, V
+    labels = labels.reshape(-1)  # N
+    # Sum over the labelled positions divided by their count (at least 1):
+    # the mean when there are labels, an attached 0 when there are none, and
+    # no host synchronisation either way.
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)

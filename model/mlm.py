@@ -1,0 +1,276 @@
+"""Masked language modelling through a cross-modal transformer (IRRA's implicit
+relation reasoning).
+
+Training only: captions with masked tokens are encoded by the text encoder,
+their tokens attend to the image tokens through one cross-attention layer and
+a small transformer, and a prediction MLP scores the CLIP vocabulary at every
+position. `mask_caption_tokens` builds the masked captions and labels, the loss
+is `model.objectives.mlm_loss`. Retrieval never runs this head, so test-time
+cost is zero.
+
+Every operation works within one sample: caption b attends only to image b's
+tokens and to its own valid tokens, so a sample's logits do not depend on its
+batch neighbours (tests/test_baseline_losses.py checks this).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.comoe import Attention, Mlp
+from utils.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, VOCAB_SIZE
+
+__all__ = ["IGNORE_INDEX", "CrossAttention", "MLMHead", "mask_caption_tokens"]
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (F.cross_entropy's default)
+
+
+def mask_caption_tokens(
+    caption_ids: Tensor,
+    generator: torch.Generator | None = None,
+    select_prob: float = 0.15,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+    mask_token_id: int = MASK_TOKEN_ID,
+    vocab_low: int = 1,
+    vocab_high: int = MASK_TOKEN_ID,
+) -> tuple[Tensor, Tensor]:
+    """BERT-style masking of the word tokens of tokenised captions (as IRRA).
+
+    Candidates are the word tokens: ids in ``[vocab_low, vocab_high)`` (by
+    default every BPE token, so never padding 0, SOT, EOT or the mask token
+    itself, e.g. one put there by text augmentation) before the caption's EOT.
+    Each candidate is selected with probability ``select_prob``; a selected
+    token becomes ``mask_token_id`` with probability ``mask_prob``, a token
+    drawn uniformly from ``[vocab_low, vocab_high)`` with probability
+    ``random_prob`` (it may happen to equal the original, as in BERT), and is
+    kept otherwise. A caption with at least one candidate but no selection gets
+    one: the candidate with the smallest selection draw, i.e. a uniformly
+    random one, replaced by the same 80/10/10 rule (IRRA always masks position
+    1 instead, which biases short captions towards their first word).
+
+    Args:
+        caption_ids: (B, L) long token ids (SOT, words, EOT, zero padding), as
+            `utils.tokenizer.tokenize` makes them.
+        generator: source of randomness, for reproducibility. The draws are
+            made on the generator's device and moved to ``caption_ids``' device,
+            so a CPU generator gives the same masks on any device. None uses
+            the global RNG of ``caption_ids``' device.
+        select_prob: probability that a word token is selected, in (0, 1].
+        mask_prob: probability that a selected token becomes the mask token.
+        random_prob: probability that a selected token becomes a random token;
+            ``mask_prob + random_prob <= 1``, the rest is kept.
+        mask_token_id: id written at masked positions.
+        vocab_low: smallest candidate / random-replacement id.
+        vocab_high: one past the largest candidate / random-replacement id.
+
+    Returns:
+        (masked_ids, labels), both (B, L) long on ``caption_ids``' device:
+        the captions with the selected tokens replaced, and the original id at
+        the selected positions, `IGNORE_INDEX` (-100) elsewhere.
+    """
+    if caption_ids.dim() != 2 or caption_ids.dtype != torch.long:
+        raise ValueError(
+            f"mask_caption_tokens needs caption_ids as a (B, L) long tensor, got "
+            f"{caption_ids.dtype} {tuple(caption_ids.shape)}"
+        )
+    if not 0.0 < select_prob <= 1.0:
+        raise ValueError(f"MLM select_prob must be in (0, 1], got {select_prob}")
+    if mask_prob < 0.0 or random_prob < 0.0 or mask_prob + random_prob > 1.0:
+        raise ValueError(
+            f"MLM mask_prob ({mask_prob}) and random_prob ({random_prob}) must be >= 0 "
+            f"with a sum <= 1 (the rest of the selected tokens is kept)"
+        )
+    if not 0 <= vocab_low < vocab_high:
+        raise ValueError(f"MLM needs 0 <= vocab_low < vocab_high, got {vocab_low}, {vocab_high}")
+
+    device = caption_ids.device
+    B, L = caption_ids.shape
+    draw_device = generator.device if generator is not None else device
+
+    def draw(fn, *args):
+        return fn(*args, (B, L), generator=generator, device=draw_device).to(device)
+
+    select_draw = draw(torch.rand)  # B, L in [0, 1)
+    action_draw = draw(torch.rand)  # B, L
+    random_ids = draw(torch.randint, vocab_low, vocab_high)  # B, L
+
+    positions = torch.arange(L, device=device)
+    eot = (caption_ids == EOT_TOKEN_ID).int().argmax(dim=1)  # B, first EOT (0 if none)
+    has_eot = (caption_ids == EOT_TOKEN_ID).any(dim=1)
+    before_eot = (positions[None, :] < eot[:, None]) | ~has_eot[:, None]  # B, L
+    candidate = (caption_ids >= vocab_low) & (caption_ids < vocab_high) & before_eot  # B, L
+
+    selected = candidate & (select_draw < select_prob)  # B, L
+    forced = torch.where(candidate, select_draw, torch.full_like(select_draw, 2.0)).argmin(dim=1)  # B
+    needs_one = candidate.any(dim=1) & ~selected.any(dim=1)  # B
+    selected = selected | (needs_one[:, None] & (positions[None, :] == forced[:, None]))
+
+    to_mask = selected & (action_draw < mask_prob)
+    to_random = selected & (action_draw >= mask_prob) & (action_draw < mask_prob + random_prob)
+    masked_ids = torch.where(to_mask, torch.full_like(caption_ids, mask_token_id), caption_ids)
+    masked_ids = torch.where(to_random, random_ids, masked_ids)
+    labels = torch.where(selected, caption_ids, torch.full_like(caption_ids, IGNORE_INDEX))
+    return masked_ids, labels
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of batch-first queries to another sequence's tokens."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if heads < 1 or dim % heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: Tensor, context: Tensor) -> Tensor:
+        """queries: (B, L, D), context: (B, N, D) -> (B, L, D).
+
+        Query row b attends to all N tokens of context row b, never to
+        another sample's.
+        """
+        B, L, D = queries.shape
+        N = context.shape[1]
+        q = self.q(queries).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # B, H, L, hd
+        k, v = (
+            self.kv(context).view(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )  # each B, H, N, hd
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: x + SelfAttn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim, dropout)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x), valid)
+        return x + self.mlp(self.ln_2(x))
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), CLIP's activation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLMHead(nn.Module):
+    """IRRA's cross-modal transformer and masked-token predictor.
+
+    ``x = CrossAttn(ln_pre_t(text), ln_pre_i(image))`` (no residual: the text
+    enters only as the queries, so predicting a masked word needs the image),
+    then ``cmt_depth`` pre-LN self-attention blocks over the text positions
+    (padding masked as keys), ``ln_post``, and the prediction MLP
+    Linear(D, D) -> QuickGELU -> LayerNorm -> Linear(D, V).
+
+    Args:
+        dim: token width D of the joint space (512 for ViT-B/16 CLIP).
+        vocab_size: number of token ids V to score (the text encoder's).
+        heads: attention heads of the cross-attention and the blocks (IRRA:
+            D // 64).
+        cmt_depth: number of self-attention blocks.
+        dropout: dropout of attention and MLP (IRRA: 0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        vocab_size: int = VOCAB_SIZE,
+        heads: int = 8,
+        cmt_depth: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if cmt_depth < 1:
+            raise ValueError(f"MLMHead needs cmt_depth >= 1, got {cmt_depth}")
+        if vocab_size < 1:
+            raise ValueError(f"MLMHead needs vocab_size >= 1, got {vocab_size}")
+        self.dim = dim
+        self.vocab_size = vocab_size
+        self.ln_pre_t = nn.LayerNorm(dim)
+        self.ln_pre_i = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, heads, dropout)
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(cmt_depth))
+        self.ln_post = nn.LayerNorm(dim)
+        self.dense = nn.Linear(dim, dim)
+        self.act = QuickGELU()
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, vocab_size)
+        self._init_weights(cmt_depth)
+
+    def _init_weights(self, depth: int) -> None:
+        # CLIP's transformer init, as IRRA: input projections ~ D^-1/2,
+        # residual output projections further scaled by (2 * depth)^-1/2.
+        attn_std = self.dim ** -0.5
+        proj_std = attn_std * (2 * depth) ** -0.5
+        fc_std = (2 * self.dim) ** -0.5
+        stds = {self.cross_attn.q: attn_std, self.cross_attn.kv: attn_std,
+                self.cross_attn.proj: proj_std, self.dense: fc_std, self.fc: proj_std}
+        for block in self.blocks:
+            stds.update({block.attn.qkv: attn_std, block.attn.proj: proj_std,
+                         block.mlp.fc1: fc_std, block.mlp.fc2: proj_std})
+        for linear, std in stds.items():
+            nn.init.normal_(linear.weight, std=std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self,
+        text_tokens: Tensor,
+        image_tokens: Tensor,
+        text_valid: Tensor,
+        predict_at: Tensor | None = None,
+    ) -> Tensor:
+        """Score the vocabulary at the caption positions.
+
+        Args:
+            text_tokens: (B, L, D) text-encoder tokens of the masked captions.
+            image_tokens: (B, N, D) image-encoder tokens (CLS and patches) of
+                the paired images.
+            text_valid: (B, L) bool, True for SOT .. EOT (padding is never
+                attended to).
+            predict_at: optional (B, L) bool; when given only these positions
+                go through the prediction MLP (e.g. ``labels != -100``), which
+                spares the (B, L, V) logits of the unlabelled positions.
+
+        Returns:
+            (B, L, V) logits, or (M, V) at the M True positions of
+            ``predict_at`` in row-major order (matching ``labels[predict_at]``).
+        """
+        if text_tokens.dim() != 3 or text_tokens.shape[-1] != self.dim:
+            raise ValueError(f"text_tokens must have shape (B, L, {self.dim}), got {tuple(text_tokens.shape)}")
+        if image_tokens.dim() != 3 or image_tokens.shape[0] != text_tokens.shape[0] \
+                or image_tokens.shape[-1] != self.dim:
+            raise ValueError(
+                f"image_tokens must have shape ({text_tokens.shape[0]}, N, {self.dim}), "
+                f"got {tuple(image_tokens.shape)}"
+            )
+        if text_valid.dtype != torch.bool or text_valid.shape != text_tokens.shape[:2]:
+            raise ValueError(
+                f"text_valid must be a bool tensor of shape {tuple(text_tokens.shape[:2])}, "
+                f"got {text_valid.dtype} {tuple(text_valid.shape)}"
+            )
+        x = self.cross_attn(self.ln_pre_t(text_tokens), self.ln_pre_i(image_tokens))  # B, L, D
+        for block in self.blocks:
+            x = block(x, text_valid)
+        x = self.ln_post(x)
+        if predict_at is not None:
+            if predict_at.dtype != torch.bool or predict_at.shape != text_valid.shape:
+                raise ValueError(
+                    f"predict_at must be a bool tensor of shape {tuple(text_valid.shape)}, "
+                    f"got {predict_at.dtype} {tuple(predict_at.shape)}"
+                )
+            x = x[predict_at]  # M, D
+        return self.fc(self.ln(self.act(self.dense(x))))  # ..., V
