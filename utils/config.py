@@ -141,12 +141,16 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     return chain + [(path, data)]
 
 
+# Command-line shorthands: `checkpoint=PATH` sets `checkpoint.path`.
+OVERRIDE_ALIASES = {"checkpoint": "checkpoint.path"}
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", parsed YAML value)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. solver.lr=3e-6)")
     key, raw = item.split("=", 1)
-    key = key.strip()
+    key = OVERRIDE_ALIASES.get(key.strip(), key.strip())
     if not key:
         raise ConfigError(f"override '{item}' has an empty key")
     try:

@@ -1,0 +1,168 @@
+"""The retrieval model: CLIP backbone, optional CoMoE head, and the loss terms.
+
+`forward(batch)` returns a dict of named, already weighted loss terms; the
+trainer sums them and meters each by name. `encode_image` / `encode_text` give
+the retrieval embeddings, each sample computed on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from utils import comm
+
+from . import objectives
+from .clip_model import CLIP, build_clip
+from .comoe import CoMoEHead, fuse_embedding
+
+KNOWN_LOSSES = ("sdm", "itc", "coar", "id", "cmpm", "mlm")
+
+
+@dataclass
+class LossConfig:
+    names: tuple[str, ...] = ("sdm", "itc", "coar")
+    weights: dict[str, float] = field(default_factory=dict)
+    lambda_align: float = 0.1
+    temperature: float = 0.02
+
+
+def parse_loss_names(names: str, has_head: bool, num_classes: int | None) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in names.split("+") if p.strip())
+    if not parts:
+        raise ValueError("loss.names is empty; use e.g. sdm+itc+coar")
+    unknown = [p for p in parts if p not in KNOWN_LOSSES]
+    if unknown:
+        raise ValueError(f"loss.names: unknown loss {', '.join(unknown)} "
+                         f"(known: {', '.join(KNOWN_LOSSES)})")
+    if "coar" in parts and not has_head:
+        raise ValueError("loss.names has 'coar' but model.head is none: CoAR regularises the "
+                         "CoMoE router; set model.head=comoe or drop coar")
+    return parts
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, with gradients flowing back to their owners."""
+    if comm.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+
+
+def _all_reduce_stats(stats: list) -> list:
+    if comm.get_world_size() == 1:
+        return stats
+    import torch.distributed.nn.functional as dist_fn
+    return [type(s)(prob_sum=dist_fn.all_reduce(s.prob_sum),
+                    counts=dist_fn.all_reduce(s.counts.detach().clone()),
+                    num_tokens=dist_fn.all_reduce(s.num_tokens.detach().clone()))
+            for s in stats]
+
+
+def text_valid_mask(caption_ids: torch.Tensor) -> torch.Tensor:
+    """True for SOT .. EOT of each caption, False for the padding after it. # B, L"""
+    eot = caption_ids.argmax(dim=-1)  # the EOT id is the largest in the vocabulary
+    positions = torch.arange(caption_ids.shape[1], device=caption_ids.device)
+    return positions[None, :] <= eot[:, None]
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, backbone: CLIP, head: CoMoEHead | None, embed: str, losses: LossConfig,
+                 num_classes: int | None = None, freeze_backbone: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.embed_mode = embed
+        self.losses = losses
+        self.num_classes = num_classes
+        # The temperature is fixed (METHOD.md §3); CLIP's learnable scale is unused.
+        self.backbone.logit_scale.requires_grad_(False)
+        self.logit_scale = 1.0 / losses.temperature
+        dim = backbone.embed_dim
+        self.classifier = None
+        if "id" in losses.names:
+            if not num_classes:
+                raise ValueError("the 'id' loss needs num_classes (training identities)")
+            self.classifier = nn.Linear(dim, num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.zeros_(self.classifier.bias)
+        if freeze_backbone:
+            for param in self.backbone.parameters():
+                param.requires_grad_(False)
+
+    # -- embeddings ---------------------------------------------------------
+    def image_features(self, images: torch.Tensor):
+        """Embeddings (B, D) and per-layer routing statistics of a batch of images."""
+        tokens, global_feat = self.backbone.encode_image(images)  # B, 1+N, D ; B, D
+        if self.head is None:
+            return global_feat, []
+        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        head_tokens, stats = self.head(tokens, valid, "image")
+        return fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
+
+    def text_features(self, caption_ids: torch.Tensor):
+        """Embeddings (B, D) and per-layer routing statistics of tokenised captions."""
+        tokens, global_feat = self.backbone.encode_text(caption_ids)  # B, L, D ; B, D
+        if self.head is None:
+            return global_feat, []
+        valid = text_valid_mask(caption_ids)
+        head_tokens, stats = self.head(tokens, valid, "text")
+        return fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_features(images)[0]
+
+    def encode_text(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_features(caption_ids)[0]
+
+    # -- training -----------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Weighted loss terms of one training batch (all ranks' batches under DDP)."""
+        names, weights = self.losses.names, self.losses.weights
+        image_feats, image_stats = self.image_features(batch["images"])
+        text_feats, text_stats = self.text_features(batch["caption_ids"])
+        pids = batch["pids"]
+        all_image, all_text, all_pids = _gather(image_feats), _gather(text_feats), _gather(pids)
+        out: dict[str, torch.Tensor] = {}
+        if "sdm" in names:
+            out["sdm"] = weights.get("sdm", 1.0) * objectives.sdm_loss(
+                all_image, all_text, all_pids, self.logit_scale)
+        if "itc" in names:
+            out["itc"] = weights.get("itc", 1.0) * objectives.itc_loss(
+                all_image, all_text, self.logit_scale)
+        if "coar" in names:
+            coar = objectives.coar_loss(_all_reduce_stats(image_stats),
+                                        _all_reduce_stats(text_stats),
+                                        lambda_align=self.losses.lambda_align)
+            out["coar"] = weights.get("coar", 1.0) * coar["total"]
+        if "id" in names:
+            out["id"] = weights.get("id", 1.0) * objectives.id_loss(
+                self.classifier, image_feats, text_feats, pids)
+        if "cmpm" in names:
+            out["cmpm"] = weights.get("cmpm", 1.0) * objectives.cmpm_loss(
+                all_image, all_text, all_pids)
+        if "mlm" in names:
+            raise NotImplementedError("the 'mlm' loss is not available yet")
+        return out
+
+
+def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
+    """Translate a resolved config into a RetrievalModel."""
+    backbone = build_clip(cfg.model.pretrain, image_size=tuple(cfg.input.size),
+                          stride=cfg.model.stride, cache_dir=cfg.model.cache_dir or None,
+                          **dict(cfg.model.arch))
+    head = None
+    if cfg.model.head == "comoe":
+        m = cfg.moe
+        head = CoMoEHead(dim=backbone.embed_dim, layers=m.layers, heads=m.heads,
+                         num_experts=m.num_experts, topk=m.topk, reduction=m.reduction,
+                         mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+                         expert_dropout=m.expert_dropout, gate=m.gate, aux_input=m.aux_input,
+                         mix_init=m.mix_init)
+    names = parse_loss_names(cfg.loss.names, head is not None, num_classes)
+    weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
+    losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
+                        temperature=cfg.model.temperature)
+    return RetrievalModel(backbone, head, cfg.model.embed, losses, num_classes=num_classes,
+                          freeze_backbone=cfg.model.freeze_backbone)

@@ -1,0 +1,199 @@
+"""Build everything a run needs from a resolved config, then train or test.
+
+`train.py` and `test.py` are thin wrappers around `run_training` and `run_test`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from prettytable import PrettyTable
+
+from datasets import (ImageAugment, TextAugment, build_dataset, build_eval_loaders,
+                      build_train_loader)
+from model import build_model
+from solver import build_optimizer, build_scheduler
+from utils import comm
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.config import save_config, to_plain
+from utils.logger import setup_logger
+from utils.misc import count_parameters, resolve_device, set_seed
+
+from .evaluator import METRIC_KEYS, evaluate
+from .trainer import Trainer, log_expert_usage, write_json
+
+logger = logging.getLogger("comoe")
+CONFIG_NAME = "configs.yaml"
+
+
+class RunFolderError(RuntimeError):
+    pass
+
+
+def run_folder(cfg) -> Path:
+    return Path(cfg.output_dir) / cfg.dataset.name / cfg.name
+
+
+def load_dataset(cfg):
+    root = Path(cfg.dataset.root_dir)
+    if cfg.dataset.generate:
+        from datasets.synth import ensure_synthetic
+        if comm.is_main_process():
+            ensure_synthetic(root, cfg.dataset.name, num_ids=cfg.dataset.generate_num_ids,
+                             seed=cfg.seed)
+        comm.barrier()
+    return build_dataset(cfg.dataset.name, root, val_ids=cfg.dataset.val_ids, seed=cfg.seed)
+
+
+def image_augment(cfg) -> ImageAugment:
+    return ImageAugment(flip=cfg.input.flip, padding=cfg.input.padding,
+                        crop=cfg.input.padding > 0, erasing=cfg.input.erasing)
+
+
+def text_augment(cfg) -> TextAugment:
+    return TextAugment(enabled=cfg.input.text_aug, mask_prob=cfg.input.text_mask_prob,
+                       replace_prob=cfg.input.text_replace_prob,
+                       delete_prob=cfg.input.text_delete_prob)
+
+
+def eval_loaders(cfg, split, device: torch.device):
+    return build_eval_loaders(split, image_size=tuple(cfg.input.size),
+                              batch_size=cfg.eval.batch_size, text_length=cfg.dataset.text_length,
+                              num_workers=cfg.dataset.num_workers,
+                              pin_memory=cfg.dataset.pin_memory and device.type == "cuda")
+
+
+def train_loader(cfg, dataset, device: torch.device):
+    d = cfg.dataset
+    return build_train_loader(
+        dataset, batch_size=cfg.solver.batch_size, sampler=d.sampler,
+        num_instances=d.num_instance, image_size=tuple(cfg.input.size),
+        augment=image_augment(cfg), text_length=d.text_length, text_aug=text_augment(cfg),
+        num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
+        persistent_workers=d.persistent_workers, seed=cfg.seed, rank=comm.get_rank(),
+        world_size=comm.get_world_size())
+
+
+def _prepare_run_folder(cfg) -> Path:
+    run_dir = run_folder(cfg)
+    if cfg.resume:
+        if not (run_dir / "last.pth").is_file():
+            raise RunFolderError(
+                f"resume=true but {run_dir / 'last.pth'} does not exist; nothing to resume. "
+                f"Start a new run without resume=true.")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunFolderError(
+            f"run folder {run_dir} already exists. To continue it: python train.py "
+            f"--config_file {run_dir / CONFIG_NAME} resume=true ; to start another run, "
+            f"choose a new name (name=...) or remove the folder.")
+    return run_dir
+
+
+def _tensorboard(run_dir: Path):
+    if not comm.is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        logger.warning("tensorboard is not installed; no TensorBoard scalars are written")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def run_training(cfg) -> dict:
+    """Train, keep best.pth (val R1) and last.pth, then test best.pth."""
+    device = resolve_device(cfg.device)
+    comm.init_distributed(device)
+    run_dir = _prepare_run_folder(cfg)
+    if comm.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            save_config(cfg, run_dir / CONFIG_NAME)
+    comm.barrier()
+    setup_logger(run_dir, rank=comm.get_rank())
+    logger.info("run folder: %s", run_dir)
+    logger.info("device: %s, processes: %d", device, comm.get_world_size())
+    set_seed(cfg.seed, cfg.deterministic)
+
+    dataset = load_dataset(cfg)
+    loader = train_loader(cfg, dataset, device)
+    val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
+    if val is None:
+        logger.warning("no validation split: best.pth follows the last epoch; set "
+                       "dataset.val_ids=N to hold out N training identities")
+    model = build_model(cfg, num_classes=dataset.num_train_pids).to(device)
+    logger.info("parameters: %.2fM total, %.2fM trainable", count_parameters(model) / 1e6,
+                count_parameters(model, trainable_only=True) / 1e6)
+    ddp_model = model
+    if comm.get_world_size() > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    s = cfg.solver
+    optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                                lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
+                                betas=s.betas, eps=s.eps)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
+                                warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
+                                min_lr_factor=s.min_lr_factor)
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    tb = _tensorboard(run_dir)
+    trainer = Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
+                      num_classes=dataset.num_train_pids, tb_writer=tb)
+    if cfg.resume:
+        trainer.resume(run_dir / "last.pth")
+    trainer.train()
+    if comm.is_main_process() and val is None:
+        shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth")
+    comm.barrier()
+    logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
+                trainer.best_epoch)
+    result = evaluate_checkpoint(cfg, run_dir / "best.pth", dataset, device, run_dir,
+                                 model=model, tb_writer=tb)
+    if tb is not None:
+        tb.close()
+    comm.cleanup()
+    return result
+
+
+def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, out_dir: Path,
+                        model=None, tb_writer=None) -> dict:
+    """Evaluate `checkpoint` on the test split; print a table, write test_metrics.json."""
+    ckpt = load_checkpoint(checkpoint)
+    if model is None:
+        model = build_model(cfg, num_classes=ckpt.get("num_classes")).to(device)
+    load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
+    image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
+    result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
+                      i2t=cfg.eval.i2t)
+    result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
+    if comm.is_main_process():
+        table = PrettyTable(["task", *METRIC_KEYS])
+        for task in ("t2i", "i2t"):
+            if task in result:
+                table.add_row([task, *(f"{result[task][k]:.2f}" for k in METRIC_KEYS)])
+        logger.info("test results of %s:\n%s", checkpoint, table)
+        write_json(Path(out_dir) / "test_metrics.json", result)
+        log_expert_usage(tb_writer, result.get("experts"), int(ckpt.get("epoch") or 0),
+                         prefix="test")
+    return result
+
+
+def run_test(cfg, config_file: str | Path) -> dict:
+    """Rebuild the run from its saved config and evaluate a checkpoint on the test split."""
+    device = resolve_device(cfg.device)
+    run_dir = Path(config_file).resolve().parent
+    setup_logger(run_dir, filename="test.log")
+    checkpoint = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "best.pth"
+    if not checkpoint.is_file():
+        existing = sorted(p.name for p in run_dir.glob("*.pth"))
+        raise CheckpointError(
+            f"{checkpoint} not found. "
+            + (f"Checkpoints in {run_dir}: {', '.join(existing)}; pass one with "
+               f"checkpoint=PATH." if existing else
+               f"{run_dir} holds no checkpoint: has training finished a validation yet?"))
+    set_seed(cfg.seed)
+    dataset = load_dataset(cfg)
+    return evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)

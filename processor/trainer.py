@@ -1,0 +1,268 @@
+"""The training loop: steps, logging, validation, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils import comm
+from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
+                              load_model_state, restore_rng_state)
+from utils.config import to_plain
+from utils.meter import MeterDict
+from utils.misc import autocast
+
+from .evaluator import evaluate
+
+logger = logging.getLogger("comoe")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived; the trainer saved a checkpoint and stops."""
+
+
+class Trainer:
+    """Owns the objects of one run and the counters needed to resume it exactly.
+
+    Counters: `epoch` (0-based, the epoch in progress), `batch_in_epoch` (batches
+    of that epoch already trained) and `global_step` (optimizer steps so far).
+    """
+
+    def __init__(self, cfg, model: nn.Module, train_loader, val_loaders, optimizer, scheduler,
+                 scaler, device: torch.device, run_dir: Path, num_classes: int | None = None,
+                 tb_writer=None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.core = model.module if hasattr(model, "module") else model
+        self.train_loader = train_loader
+        self.val_loaders = val_loaders
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.num_classes = num_classes
+        self.tb = tb_writer
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.best_epoch = -1
+        self.nonfinite_steps = 0
+        self._stop_signal: int | None = None
+
+    # -- checkpoints --------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "nonfinite_steps": self.nonfinite_steps,
+            "num_classes": self.num_classes,
+            "rng": capture_rng_state(),
+            "config": to_plain(self.cfg),
+        }
+
+    def save(self, name: str) -> Path | None:
+        if not comm.is_main_process():
+            return None
+        path = self.run_dir / name
+        atomic_save(self.state(), path)
+        return path
+
+    def resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        load_model_state(self.core, ckpt, to_plain(self.cfg), source=str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = ckpt["epoch"]
+        self.batch_in_epoch = ckpt["batch_in_epoch"]
+        self.global_step = ckpt["global_step"]
+        self.best_metric = ckpt["best_metric"]
+        self.best_epoch = ckpt["best_epoch"]
+        self.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
+        restore_rng_state(ckpt["rng"])
+        logger.info("resumed from %s: epoch %d, batch %d, step %d, best val R1 %.2f",
+                    path, self.epoch + 1, self.batch_in_epoch, self.global_step,
+                    self.best_metric)
+
+    # -- signals ------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        logger.warning("received %s: finishing the current step, then saving last.pth",
+                       signal.Signals(signum).name)
+
+    def _install_signal_handlers(self):
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    # -- one step -----------------------------------------------------------
+    def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        cfg = self.cfg.solver
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        with autocast(self.device, cfg.precision):
+            losses = self.model(batch)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            return self._nonfinite(losses)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
+
+    def _nonfinite(self, losses: dict[str, torch.Tensor]):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        limit = self.cfg.solver.max_nonfinite_steps
+        if self.nonfinite_steps <= limit:
+            logger.warning("non-finite loss at step %d (%s); skipped (%d of %d allowed)",
+                           self.global_step, terms, self.nonfinite_steps, limit)
+            return None
+        path = self.save("last.pth")
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step}: {terms}. "
+            f"The last good state is in {path}. Lower solver.lr, use solver.precision=fp32 or "
+            f"bf16, set solver.grad_clip, or allow skips with solver.max_nonfinite_steps=N.")
+
+    # -- loop ---------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        num_epoch = cfg.solver.num_epoch
+        sampler = self.train_loader.batch_sampler
+        previous_handlers = self._install_signal_handlers()
+        try:
+            while self.epoch < num_epoch:
+                self._train_epoch(sampler)
+                self.batch_in_epoch = 0
+                self.epoch += 1
+                if self.val_loaders is not None and (self.epoch % cfg.eval.period == 0
+                                                     or self.epoch == num_epoch):
+                    self._validate()
+                self.save("last.pth")
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _train_epoch(self, sampler) -> None:
+        cfg = self.cfg
+        sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        steps = len(self.train_loader) + self.batch_in_epoch
+        meters = MeterDict()
+        self.model.train()
+        start = time.perf_counter()
+        progress = self._progress(steps)
+        for batch in self.train_loader:
+            losses = self._step(batch)
+            self.batch_in_epoch += 1
+            if losses is not None:
+                self.global_step += 1
+                if self.global_step % cfg.solver.log_period == 0 or self.batch_in_epoch == steps:
+                    values = {k: v.item() for k, v in losses.items()}
+                    meters.update(values)
+                    self._log_step(values, meters, steps)
+            if progress is not None:
+                progress.update(1)
+            every = cfg.checkpoint.every_n_steps
+            if every and self.global_step % every == 0 and self.batch_in_epoch < steps:
+                self.save("last.pth")
+            if self._stop_signal is not None:
+                path = self.save("last.pth")
+                if progress is not None:
+                    progress.close()
+                raise StopRequested(
+                    f"stopped by {signal.Signals(self._stop_signal).name} at epoch "
+                    f"{self.epoch + 1}, batch {self.batch_in_epoch}; state saved to {path}. "
+                    f"Resume with: python train.py --config_file "
+                    f"{self.run_dir / 'configs.yaml'} resume=true")
+        if progress is not None:
+            progress.close()
+        logger.info("epoch %d/%d done in %.1fs: %s", self.epoch + 1, cfg.solver.num_epoch,
+                    time.perf_counter() - start, meters)
+
+    def _progress(self, steps: int):
+        if not comm.is_main_process():
+            return None
+        from tqdm import tqdm
+        return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
+                    desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
+
+    def _log_step(self, values: dict[str, float], meters: MeterDict, steps: int) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        logger.info("epoch %d [%d/%d] step %d lr %.2e %s", self.epoch + 1, self.batch_in_epoch,
+                    steps, self.global_step, lr,
+                    " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"train/{key}", value, self.global_step)
+            self.tb.add_scalar("train/lr", lr, self.global_step)
+
+    def _validate(self) -> None:
+        image_loader, text_loader = self.val_loaders
+        result = evaluate(self.model, image_loader, text_loader, self.device,
+                          self.cfg.solver.precision)
+        if not comm.is_main_process():
+            return
+        r1 = result["t2i"]["R1"]
+        logger.info("epoch %d validation t2i: %s", self.epoch,
+                    " ".join(f"{k}={v:.2f}" for k, v in result["t2i"].items()))
+        if self.tb is not None:
+            for key, value in result["t2i"].items():
+                self.tb.add_scalar(f"val/{key}", value, self.epoch)
+            log_expert_usage(self.tb, result.get("experts"), self.epoch, prefix="val")
+        if r1 > self.best_metric:
+            self.best_metric, self.best_epoch = r1, self.epoch
+            self.save("best.pth")
+            logger.info("new best val R1 %.2f at epoch %d -> best.pth", r1, self.epoch)
+
+
+def log_expert_usage(tb, experts: dict | None, step: int, prefix: str) -> None:
+    if tb is None or not experts:
+        return
+    for modality, summary in experts.items():
+        for layer, (usage, entropy) in enumerate(zip(summary["usage"], summary["entropy"])):
+            tb.add_scalar(f"{prefix}/experts/{modality}_entropy_layer{layer}", entropy, step)
+            for expert, share in enumerate(usage):
+                tb.add_scalar(f"{prefix}/experts/{modality}_layer{layer}_expert{expert}", share,
+                              step)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

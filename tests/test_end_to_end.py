@@ -1,0 +1,76 @@
+"""train.py and test.py through their main(argv) on generated data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import test as test_script
+import train as train_script
+from conftest import ROOT, tiny_overrides
+from processor.runner import RunFolderError
+from utils.checkpoint import CheckpointError
+
+CONFIG = str(ROOT / "configs" / "demo.yaml")
+
+
+def _check_metrics(metrics: dict) -> None:
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["R1"] <= metrics["R5"] <= metrics["R10"]
+
+
+def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
+    overrides = tiny_overrides(synth_root, tmp_path) + ["eval.i2t=true"]
+    result = train_script.main(["--config_file", CONFIG, *overrides])
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    for name in ("configs.yaml", "train.log", "best.pth", "last.pth", "test_metrics.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "test_metrics.json").read_text())
+    assert saved["split"] == "test" and saved["checkpoint"].endswith("best.pth")
+    _check_metrics(saved["t2i"])
+    _check_metrics(saved["i2t"])
+    assert saved["num_queries"] == 2 * saved["num_gallery"]  # two captions per image
+    experts = saved["experts"]
+    assert set(experts) == {"image", "text"}
+    assert len(experts["image"]["usage"]) == 1 and len(experts["image"]["usage"][0]) == 4
+    assert sum(experts["text"]["usage"][0]) == pytest.approx(1.0, abs=1e-4)
+    assert result["t2i"] == saved["t2i"]
+    assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+
+    # test.py rebuilds everything from the saved config alone and agrees.
+    again = test_script.main(["--config_file", str(run / "configs.yaml"), "eval.i2t=true"])
+    assert again["t2i"] == pytest.approx(saved["t2i"], abs=1e-6)
+
+    # Checkpoints carry plain data only and the config they were made with.
+    ckpt = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["name"] == "tiny" and ckpt["num_classes"] > 0
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
+    run = tmp_path / "CUHK-PEDES" / "taken"
+    run.mkdir(parents=True)
+    (run / "train.log").write_text("an earlier run\n")
+    with pytest.raises(RunFolderError, match="resume=true"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "taken")])
+    assert (run / "train.log").read_text() == "an earlier run\n"
+
+
+def test_test_py_without_best_checkpoint_says_what_is_there(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"")
+    from utils.config import load_config, save_config
+    save_config(load_config(CONFIG), run / "configs.yaml")
+    with pytest.raises(CheckpointError, match=r"best\.pth not found.*last\.pth"):
+        test_script.main(["--config_file", str(run / "configs.yaml")])
+
+
+def test_checkpoint_from_another_config_is_reported(synth_root, tmp_path):
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "a"),
+                       "solver.num_epoch=1"])
+    run = tmp_path / "CUHK-PEDES" / "a"
+    with pytest.raises(CheckpointError, match=r"moe\.num_experts: 4 != 2"):
+        test_script.main(["--config_file", str(run / "configs.yaml"), "moe.num_experts=2"])
