@@ -16,6 +16,7 @@ from utils import comm
 from . import objectives
 from .clip_model import CLIP, build_clip
 from .comoe import CoMoEHead, fuse_embedding
+from .mlm import IGNORE_INDEX, MLMHead, mask_caption_tokens
 
 KNOWN_LOSSES = ("sdm", "itc", "coar", "id", "cmpm", "mlm")
 
@@ -26,6 +27,10 @@ class LossConfig:
     weights: dict[str, float] = field(default_factory=dict)
     lambda_align: float = 0.1
     temperature: float = 0.02
+    mlm_select_prob: float = 0.15
+    mlm_mask_prob: float = 0.8
+    mlm_random_prob: float = 0.1
+    cmt_depth: int = 4
 
 
 def parse_loss_names(names: str, has_head: bool, num_classes: int | None) -> tuple[str, ...]:
@@ -87,19 +92,26 @@ class RetrievalModel(nn.Module):
             self.classifier = nn.Linear(dim, num_classes)
             nn.init.normal_(self.classifier.weight, std=0.001)
             nn.init.zeros_(self.classifier.bias)
+        self.mlm_head = None
+        if "mlm" in losses.names:
+            self.mlm_head = MLMHead(dim, vocab_size=backbone.vocab_size, heads=max(1, dim // 64),
+                                    cmt_depth=losses.cmt_depth)
         if freeze_backbone:
             for param in self.backbone.parameters():
                 param.requires_grad_(False)
 
     # -- embeddings ---------------------------------------------------------
-    def image_features(self, images: torch.Tensor):
-        """Embeddings (B, D) and per-layer routing statistics of a batch of images."""
+    def image_features(self, images: torch.Tensor, return_tokens: bool = False):
+        """Embeddings (B, D) and per-layer routing statistics of a batch of images
+        (and the backbone's token sequence, B x 1+N x D, with `return_tokens`)."""
         tokens, global_feat = self.backbone.encode_image(images)  # B, 1+N, D ; B, D
         if self.head is None:
-            return global_feat, []
-        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        head_tokens, stats = self.head(tokens, valid, "image")
-        return fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
+            out = global_feat, []
+        else:
+            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            head_tokens, stats = self.head(tokens, valid, "image")
+            out = fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
+        return (*out, tokens) if return_tokens else out
 
     def text_features(self, caption_ids: torch.Tensor):
         """Embeddings (B, D) and per-layer routing statistics of tokenised captions."""
@@ -120,7 +132,8 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms of one training batch (all ranks' batches under DDP)."""
         names, weights = self.losses.names, self.losses.weights
-        image_feats, image_stats = self.image_features(batch["images"])
+        image_feats, image_stats, image_tokens = self.image_features(batch["images"],
+                                                                     return_tokens=True)
         text_feats, text_stats = self.text_features(batch["caption_ids"])
         pids = batch["pids"]
         all_image, all_text, all_pids = _gather(image_feats), _gather(text_feats), _gather(pids)
@@ -143,8 +156,19 @@ class RetrievalModel(nn.Module):
             out["cmpm"] = weights.get("cmpm", 1.0) * objectives.cmpm_loss(
                 all_image, all_text, all_pids)
         if "mlm" in names:
-            raise NotImplementedError("the 'mlm' loss is not available yet")
+            out["mlm"] = weights.get("mlm", 1.0) * self._mlm(batch["caption_ids"], image_tokens)
         return out
+
+    def _mlm(self, caption_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """IRRA's masked language modelling: masked captions read the image tokens."""
+        cfg = self.losses
+        masked_ids, labels = mask_caption_tokens(caption_ids, None, cfg.mlm_select_prob,
+                                                 cfg.mlm_mask_prob, cfg.mlm_random_prob)
+        text_tokens, _ = self.backbone.encode_text(masked_ids)  # B, L, D
+        picked = labels != IGNORE_INDEX
+        logits = self.mlm_head(text_tokens, image_tokens, text_valid_mask(masked_ids),
+                               predict_at=picked)  # M, V
+        return objectives.mlm_loss(logits, labels[picked])
 
 
 def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
@@ -163,6 +187,9 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
     names = parse_loss_names(cfg.loss.names, head is not None, num_classes)
     weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
     losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
-                        temperature=cfg.model.temperature)
+                        temperature=cfg.model.temperature,
+                        mlm_select_prob=cfg.loss.mlm_select_prob,
+                        mlm_mask_prob=cfg.loss.mlm_mask_prob,
+                        mlm_random_prob=cfg.loss.mlm_random_prob, cmt_depth=cfg.model.cmt_depth)
     return RetrievalModel(backbone, head, cfg.model.embed, losses, num_classes=num_classes,
                           freeze_backbone=cfg.model.freeze_backbone)
