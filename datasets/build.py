@@ -12,6 +12,7 @@ per-worker seed (only relevant for code that uses those generators).
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Sequence
 
@@ -39,7 +40,7 @@ def get_dataset_class(name: str) -> type[PedesDataset]:
     return DATASETS[name]
 
 
-def build_dataset(name: str, root: str, val_ids: int | None = None, seed: int = 0,
+def build_dataset(name: str, root: str | os.PathLike, val_ids: int | None = None, seed: int = 0,
                   check_images: bool = True) -> PedesDataset:
     """Load dataset ``name`` from ``{root}/{folder}`` (see ``PedesDataset`` for ``val_ids``)."""
     return get_dataset_class(name)(root, val_ids=val_ids, seed=seed, check_images=check_images)

@@ -147,7 +147,9 @@ class PedesDataset:
     splits: tuple[str, ...] = ("train", "val", "test")
     default_val_ids: int | None = None   # identities held out when val_ids is None
 
-    def __init__(self, root: str, val_ids: int | None = None, seed: int = 0, check_images: bool = True):
+    def __init__(self, root: str | os.PathLike, val_ids: int | None = None, seed: int = 0,
+                 check_images: bool = True):
+        root = os.fspath(root)
         self.root = root
         report = self.inspect(root, check_images=check_images)
         if report.problems:
@@ -177,6 +179,7 @@ class PedesDataset:
     @classmethod
     def find_annotation_file(cls, root: str) -> str:
         """Path of the annotation file; DatasetError saying where it was looked for if missing."""
+        root = os.fspath(root)
         if not os.path.isdir(root):
             raise DatasetError(f"Dataset root {root!r} does not exist. Expected layout: {cls.expected_layout(root)}.")
         folder = cls.dataset_dir(root)
@@ -202,6 +205,7 @@ class PedesDataset:
         File-level failures (missing root or file, broken JSON, not a list)
         raise DatasetError; entry-level problems are collected in the report.
         """
+        root = os.fspath(root)
         path = cls.find_annotation_file(root)
         report = Report(annotation_file=path, image_dir=os.path.join(cls.dataset_dir(root), "imgs"))
         try:

@@ -581,7 +581,7 @@ def _encode(image: Image.Image, ext: str) -> bytes:
     return buffer.getvalue()
 
 
-def generate(root: str, fmt: str, num_ids: int, seed: int = 0,
+def generate(root: str | os.PathLike, fmt: str, num_ids: int, seed: int = 0,
              images_per_id: tuple[int, int] | None = None,
              split_fractions: Sequence[float] | None = None,
              num_cameras: int = 6) -> str:
@@ -603,6 +603,7 @@ def generate(root: str, fmt: str, num_ids: int, seed: int = 0,
     if fmt not in FORMATS:
         raise ValueError(f"Unknown synthetic format {fmt!r}; choose one of {sorted(FORMATS)}.")
     spec = FORMATS[fmt]
+    root = os.fspath(root)
     images_per_id = tuple(images_per_id or spec.images_per_id)
     if len(images_per_id) != 2 or not 1 <= images_per_id[0] <= images_per_id[1]:
         raise ValueError(f"images_per_id={images_per_id}: expected (min, max) with 1 <= min <= max.")
@@ -664,7 +665,7 @@ def generate(root: str, fmt: str, num_ids: int, seed: int = 0,
     return folder
 
 
-def ensure_synthetic(root: str, name: str, num_ids: int, seed: int = 0) -> str:
+def ensure_synthetic(root: str | os.PathLike, name: str, num_ids: int, seed: int = 0) -> str:
     """Generate the synthetic ``name`` dataset under ``root`` unless its annotation file exists.
 
     For the demo configuration: an existing dataset (real or generated) is
@@ -675,6 +676,7 @@ def ensure_synthetic(root: str, name: str, num_ids: int, seed: int = 0) -> str:
         raise KeyError(f"No synthetic generator for dataset {name!r}; known: {sorted(FORMAT_OF_DATASET)}.")
     fmt = FORMAT_OF_DATASET[name]
     spec = FORMATS[fmt]
+    root = os.fspath(root)
     folder = os.path.join(root, spec.folder)
     candidates = [spec.annotation] + (["ICFG-PEDES.json"] if fmt == "icfg" else [])
     if any(os.path.isfile(os.path.join(folder, c)) for c in candidates):
