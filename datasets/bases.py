@@ -47,9 +47,10 @@ class ImageTextDataset(Dataset):
         return len(self.items)
 
     def _read(self, index: int):
+        """(image, replaced): `replaced` is True when a stand-in image was used."""
         item = self.items[index]
         try:
-            return read_image(item.path)
+            return read_image(item.path), False
         except BadImageError:
             if not self.skip_bad_images:
                 raise
@@ -67,7 +68,7 @@ class ImageTextDataset(Dataset):
                 continue
             tried.add(path)
             try:
-                return read_image(path)
+                return read_image(path), True
             except BadImageError:
                 self._note_skipped(path)
         raise BadImageError(item.path, f"no readable image of identity {item.pid} to use instead")
@@ -81,7 +82,7 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, sample_seed = key if isinstance(key, (tuple, list)) else (key, None)
         item = self.items[index]
-        image = self._read(index)
+        image, replaced = self._read(index)
         caption_ids = tokenize_caption(item.caption, self.text_length)
         if sample_seed is None:
             images = self.transform(image)
@@ -95,7 +96,8 @@ class ImageTextDataset(Dataset):
         caption_ids = augment_caption(caption_ids, self.text_aug, generator)
         return {"images": images, "caption_ids": caption_ids,
                 "pids": torch.tensor(item.pid, dtype=torch.long),
-                "image_ids": torch.tensor(item.image_id, dtype=torch.long)}
+                "image_ids": torch.tensor(item.image_id, dtype=torch.long),
+                "replaced_images": torch.tensor(int(replaced))}
 
 
 class ImageDataset(Dataset):
