@@ -73,7 +73,7 @@ def train_loader(cfg, dataset, device: torch.device):
         augment=image_augment(cfg), text_length=d.text_length, text_aug=text_augment(cfg),
         num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
         persistent_workers=d.persistent_workers, seed=cfg.seed, rank=comm.get_rank(),
-        world_size=comm.get_world_size())
+        world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images)
 
 
 def _prepare_run_folder(cfg) -> Path:

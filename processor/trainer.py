@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from datasets import BadImageError
 from utils import comm
 from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
                               load_model_state, restore_rng_state)
@@ -21,6 +22,10 @@ from utils.misc import autocast
 from .evaluator import evaluate
 
 logger = logging.getLogger("comoe")
+
+
+# Batch entries the model reads; the rest (e.g. skip flags) stay on the host.
+MODEL_INPUTS = ("images", "caption_ids", "pids", "image_ids")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,8 +127,8 @@ class Trainer:
     # -- one step -----------------------------------------------------------
     def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
         cfg = self.cfg.solver
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                 for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                 if k in MODEL_INPUTS}
         with autocast(self.device, cfg.precision):
             losses = self.model(batch)
         total = sum(losses.values())
@@ -184,18 +189,39 @@ class Trainer:
         sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         steps = len(self.train_loader) + self.batch_in_epoch
         meters = MeterDict()
+        running: dict[str, torch.Tensor] = {}  # loss sums since the last log line, on device
+        running_steps = 0
+        replaced_images = 0
         self.model.train()
         start = time.perf_counter()
         progress = self._progress(steps)
-        for batch in self.train_loader:
+        batches = iter(self.train_loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except BadImageError as err:
+                path = self.save("last.pth")
+                raise BadImageError(err.path, message=(
+                    f"{err}. Training stopped at epoch {self.epoch + 1}, batch "
+                    f"{self.batch_in_epoch}; the state before this batch is saved to {path}. Fix "
+                    f"or remove the file (or set dataset.skip_bad_images=true), then resume with "
+                    f"resume=true.")) from err
+            if "replaced_images" in batch:
+                replaced_images += int(batch["replaced_images"].sum())
             losses = self._step(batch)
             self.batch_in_epoch += 1
             if losses is not None:
                 self.global_step += 1
+                for key, value in losses.items():
+                    running[key] = running[key] + value if key in running else value
+                running_steps += 1
                 if self.global_step % cfg.solver.log_period == 0 or self.batch_in_epoch == steps:
-                    values = {k: v.item() for k, v in losses.items()}
-                    meters.update(values)
-                    self._log_step(values, meters, steps)
+                    values = {k: (v / running_steps).item() for k, v in running.items()}
+                    meters.update(values, running_steps)
+                    self._log_step(values, steps)
+                    running, running_steps = {}, 0
             if progress is not None:
                 progress.update(1)
             every = cfg.checkpoint.every_n_steps
@@ -214,6 +240,10 @@ class Trainer:
             progress.close()
         logger.info("epoch %d/%d done in %.1fs: %s", self.epoch + 1, cfg.solver.num_epoch,
                     time.perf_counter() - start, meters)
+        if replaced_images:
+            logger.warning("epoch %d: %d unreadable training images were skipped (replaced by "
+                           "another image of the same identity); see the warnings above for "
+                           "their paths", self.epoch + 1, replaced_images)
 
     def _progress(self, steps: int):
         if not comm.is_main_process():
@@ -222,7 +252,7 @@ class Trainer:
         return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
                     desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
 
-    def _log_step(self, values: dict[str, float], meters: MeterDict, steps: int) -> None:
+    def _log_step(self, values: dict[str, float], steps: int) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         logger.info("epoch %d [%d/%d] step %d lr %.2e %s", self.epoch + 1, self.batch_in_epoch,
                     steps, self.global_step, lr,

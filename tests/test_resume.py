@@ -1,0 +1,176 @@
+"""Nothing lost: a killed run resumes to the same weights and metrics; bad input stops cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_script
+from conftest import ROOT, tiny_overrides
+from datasets import BadImageError
+from processor.trainer import NonFiniteLossError
+from utils.checkpoint import load_checkpoint
+
+CONFIG = str(ROOT / "configs" / "demo.yaml")
+# Dropout on, MLM masking on: every random stream the trainer uses is exercised.
+RESUME_OVERRIDES = ["solver.num_epoch=3", "checkpoint.every_n_steps=2", "eval.period=1",
+                    "moe.expert_dropout=0.2", "loss.names=sdm+itc+coar+mlm+id",
+                    "model.cmt_depth=1", "input.text_aug=true"]
+
+
+def _command(synth_root: Path, out: Path, name: str) -> list[str]:
+    return [sys.executable, "train.py", "--config_file", CONFIG,
+            *tiny_overrides(synth_root, out, name), *RESUME_OVERRIDES]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _interrupt_after_mid_epoch_checkpoint(cmd: list[str], last: Path, sig: int):
+    """Start a run and send `sig` right after its first mid-epoch checkpoint appears."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    return proc.returncode, output
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = _run(_command(synth_root, out, "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "CUHK-PEDES" / "run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_interrupt_is_bit_identical(synth_root, tmp_path, uninterrupted, sig):
+    run = tmp_path / "CUHK-PEDES" / "run"
+    code, output = _interrupt_after_mid_epoch_checkpoint(_command(synth_root, tmp_path, "run"),
+                                                         run / "last.pth", sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL, output
+    else:
+        assert code == 0, output
+        assert "resume=true" in output  # the message says how to resume
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["global_step"] < 27, "the run finished before it could be interrupted"
+    assert not (run / "test_metrics.json").exists()
+
+    resumed = _run([sys.executable, "train.py", "--config_file", str(run / "configs.yaml"),
+                    "resume=true"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for name in ("last.pth", "best.pth"):
+        expected, actual = _weights(uninterrupted / name), _weights(run / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}: {key} differs"
+    expected = json.loads((uninterrupted / "test_metrics.json").read_text())
+    actual = json.loads((run / "test_metrics.json").read_text())
+    assert actual["t2i"] == expected["t2i"]
+    full, again = load_checkpoint(uninterrupted / "last.pth"), load_checkpoint(run / "last.pth")
+    assert (again["best_metric"], again["best_epoch"]) == (full["best_metric"], full["best_epoch"])
+
+
+def test_resume_without_last_checkpoint_is_refused(synth_root, tmp_path):
+    from processor.runner import RunFolderError
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                           "resume=true"])
+
+
+def _corrupt_one_training_image(root: Path) -> Path:
+    entries = json.loads((root / "CUHK-PEDES" / "reid_raw.json").read_text())
+    path = root / "CUHK-PEDES" / "imgs" / next(e for e in entries
+                                               if e["split"] == "train")["file_path"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # a truncated file
+    return path
+
+
+@pytest.fixture
+def damaged_root(tmp_path):
+    from datasets.synth import generate
+    root = tmp_path / "data"
+    generate(str(root), "cuhk", num_ids=16, seed=0)
+    return root, _corrupt_one_training_image(root)
+
+
+def test_unreadable_image_stops_with_its_path_and_a_checkpoint(damaged_root, tmp_path):
+    root, bad = damaged_root
+    with pytest.raises(BadImageError) as err:
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(root, tmp_path)])
+    assert str(bad) in str(err.value) and "resume=true" in str(err.value)
+    assert (tmp_path / "CUHK-PEDES" / "tiny" / "last.pth").is_file()
+
+
+def test_unreadable_image_is_skipped_and_counted_when_allowed(damaged_root, tmp_path):
+    root, bad = damaged_root
+    result = train_script.main(["--config_file", CONFIG, *tiny_overrides(root, tmp_path),
+                                "dataset.skip_bad_images=true", "solver.num_epoch=1"])
+    assert 0 <= result["t2i"]["R1"] <= 100
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert "unreadable training images were skipped" in log
+
+
+def _nan_after(model_cls, calls: int):
+    original = model_cls.forward
+    counter = {"n": 0}
+
+    def forward(self, batch):
+        counter["n"] += 1
+        losses = original(self, batch)
+        if counter["n"] >= calls:
+            losses["sdm"] = losses["sdm"] * float("nan")
+        return losses
+    return forward
+
+
+def test_non_finite_loss_stops_with_step_terms_and_last_good_state(synth_root, tmp_path,
+                                                                     monkeypatch):
+    from model.build import RetrievalModel
+    monkeypatch.setattr(RetrievalModel, "forward", _nan_after(RetrievalModel, 3))
+    with pytest.raises(NonFiniteLossError, match=r"step 2: sdm=nan, itc="):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path)])
+    ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monkeypatch):
+    from model.build import RetrievalModel
+    original = RetrievalModel.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        losses = original(self, batch)
+        if calls["n"] in (2, 4):
+            losses["itc"] = losses["itc"] * float("inf")
+        return losses
+    monkeypatch.setattr(RetrievalModel, "forward", forward)
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.max_nonfinite_steps=2", "solver.num_epoch=1"])
+    ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
+    assert ckpt["nonfinite_steps"] == 2
+    assert ckpt["global_step"] == ckpt["batch_in_epoch"] or ckpt["global_step"] == 9 - 2
