@@ -1,0 +1,262 @@
+"""Speed and memory of ``utils.metrics.retrieval_metrics`` against the usual implementation.
+
+The reference is the ranking code most text-based person retrieval projects
+share (IRRA's ``rank``): a full ``argsort`` of the (Q, G) similarity, the pid of
+every ranked gallery item, a (Q, G) match matrix and its cumulative sum for CMC
+and mAP, and a Python loop over queries for mINP. It is re-implemented below
+with the same algorithm; two details differ from IRRA and both favour it here:
+the argsort is stable (so both sides break ties the same way and their numbers
+can be compared exactly) and precision-at-k is one vectorised division instead
+of a Python loop over the G columns.
+
+Synthetic embeddings at the sizes of the ICFG-PEDES test split (19,848 captions
+x 19,848 images, 1,000 identities) and the CUHK-PEDES one (6,156 x 3,074, 1,000
+identities): identities are grouped around a few "appearance" directions and
+every embedding is its identity's centre plus noise of a per-sample scale, so
+the hard negatives are the similar-looking identities, as in real data. The
+default calibration lands near published ICFG-PEDES numbers (R1 ~70, mAP ~25,
+mINP ~5); ``--features isotropic`` spreads the confusions over the whole gallery,
+the costliest case for the candidate-based ranking.
+
+Each implementation runs in its own subprocess, which builds the embeddings,
+computes the similarity (timed separately) and then the metrics, and reports
+its peak resident memory (``ru_maxrss``), so the numbers are for the whole
+process. The last line is the speed ratio of the metric computation.
+
+    python -m benchmarks.bench_eval                        # both sizes, CPU
+    python -m benchmarks.bench_eval --size icfg --ref-queries 4000
+    python -m benchmarks.bench_eval --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (queries = captions, gallery = images, identities)
+SIZES = {"icfg": (19848, 19848, 1000), "cuhk": (6156, 3074, 1000)}
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+EMBED_DIM = 512
+TOLERANCE = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=("icfg", "cuhk", "both"), default="both")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--skip-reference", action="store_true", help="time only retrieval_metrics")
+    parser.add_argument("--ref-queries", type=int, default=0, metavar="N",
+                        help="run the reference on the first N queries only and extrapolate its time "
+                             "linearly to all queries (0 = all queries)")
+    parser.add_argument("--features", choices=("grouped", "isotropic"), default="grouped",
+                        help="synthetic embedding model (see the module docstring)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="retrieval_metrics chunk_size (default: the library default)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed metric runs per process; the best counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ref_queries < 0 or args.repeats < 1:
+        parser.error("--ref-queries must be >= 0 and --repeats >= 1")
+    return args
+
+
+def make_embeddings(num_queries: int, num_gallery: int, num_ids: int, features: str, seed: int,
+                    device: torch.device):
+    """L2-normalised caption (Q, D) and image (G, D) embeddings with their pids."""
+    gen = torch.Generator().manual_seed(seed)
+    if features == "grouped":
+        groups, id_spread, noise, noise_spread = 50, 0.5, 1.5, 0.3
+        group_dirs = F.normalize(torch.randn(groups, EMBED_DIM, generator=gen), dim=1)
+        group_of_id = torch.randint(0, groups, (num_ids,), generator=gen)
+        centres = group_dirs[group_of_id] + id_spread * torch.randn(num_ids, EMBED_DIM, generator=gen) / EMBED_DIM**0.5
+    else:
+        noise, noise_spread = 2.5, 0.0
+        centres = torch.randn(num_ids, EMBED_DIM, generator=gen)
+    centres = F.normalize(centres, dim=1)  # num_ids, D
+
+    def sample(pids: torch.Tensor) -> torch.Tensor:
+        scale = noise * torch.exp(noise_spread * torch.randn(len(pids), 1, generator=gen))
+        feats = centres[pids] + scale * torch.randn(len(pids), EMBED_DIM, generator=gen) / EMBED_DIM**0.5
+        return F.normalize(feats, dim=1).to(device)
+
+    # Every identity appears on both sides, about equally often.
+    query_pids = torch.randperm(num_queries, generator=gen) % num_ids
+    gallery_pids = torch.randperm(num_gallery, generator=gen) % num_ids
+    return sample(query_pids), sample(gallery_pids), query_pids.to(device), gallery_pids.to(device)
+
+
+def reference_rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10):
+    """The field's usual full-sort ranking; returns (cmc (max_rank,), mAP, mINP) in percent."""
+    indices = torch.argsort(similarity, dim=1, descending=True, stable=True)  # Q, G
+    pred_labels = g_pids[indices]  # Q, G
+    matches = pred_labels.eq(q_pids.view(-1, 1))  # Q, G
+
+    cmc = matches[:, :max_rank].cumsum(1)
+    cmc[cmc > 1] = 1
+    cmc = cmc.float().mean(0) * 100
+
+    num_rel = matches.sum(1)  # Q
+    hits_so_far = matches.cumsum(1)  # Q, G
+    inp = []
+    for i, match_row in enumerate(matches):
+        last = match_row.nonzero()[-1]
+        inp.append(hits_so_far[i][last] / (last + 1.0))
+    mINP = torch.cat(inp).mean() * 100
+
+    positions = torch.arange(1, matches.shape[1] + 1, device=matches.device)
+    precision = hits_so_far / positions * matches
+    AP = precision.sum(1) / num_rel
+    mAP = AP.mean() * 100
+    return cmc, mAP, mINP
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Build the data, time the similarity and the metrics, report everything as a dict."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    num_queries, num_gallery, num_ids = SIZES[args.size]
+    queries, gallery, query_pids, gallery_pids = make_embeddings(
+        num_queries, num_gallery, num_ids, args.features, args.seed, device)
+    timed_queries = num_queries
+    if args.worker == "reference" and args.ref_queries:
+        timed_queries = min(args.ref_queries, num_queries)
+        queries, query_pids = queries[:timed_queries], query_pids[:timed_queries]
+
+    from utils.metrics import retrieval_metrics
+    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
+    if args.worker == "ours":
+        def compute(sim, qp, gp):
+            return retrieval_metrics(sim, qp, gp, **kwargs)
+    else:
+        def compute(sim, qp, gp):
+            cmc, mAP, mINP = reference_rank(sim, qp, gp)
+            return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]),
+                    "mAP": float(mAP), "mINP": float(mINP)}
+
+    # Warm-up on a small block: thread pools, allocator, lazy CUDA init.
+    compute(queries[:64] @ gallery.t(), query_pids[:64], gallery_pids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    _sync(device)
+    start = time.perf_counter()
+    similarity = queries @ gallery.t()  # Q, G
+    _sync(device)
+    similarity_s = time.perf_counter() - start
+
+    metric_s = float("inf")
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        metrics = compute(similarity, query_pids, gallery_pids)
+        _sync(device)
+        metric_s = min(metric_s, time.perf_counter() - start)
+
+    result = {"impl": args.worker, "size": args.size, "queries": timed_queries, "gallery": num_gallery,
+              "similarity_s": similarity_s, "metric_s": metric_s, "metrics": metrics,
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.worker == "ours" and args.ref_queries:
+        # The same subset the reference ranked, for the agreement check.
+        subset = min(args.ref_queries, num_queries)
+        result["subset_metrics"] = retrieval_metrics(similarity[:subset], query_pids[:subset], gallery_pids, **kwargs)
+    return result
+
+
+def spawn(args: argparse.Namespace, impl: str, size: str) -> dict:
+    """Run one implementation in a fresh interpreter; its peak RSS is its own."""
+    command = [sys.executable, "-m", "benchmarks.bench_eval", "--worker", impl, "--size", size,
+               "--device", args.device, "--features", args.features, "--repeats", str(args.repeats),
+               "--seed", str(args.seed), "--ref-queries", str(args.ref_queries)]
+    if args.chunk_size is not None:
+        command += ["--chunk-size", str(args.chunk_size)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        hint = " (killed: out of memory? try --ref-queries N)" if proc.returncode in (-9, 137) else ""
+        raise SystemExit(f"{impl} worker for size={size} failed with exit code {proc.returncode}{hint}:\n"
+                         f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'size':<5} {'impl':<10} {'queries':>7} {'gallery':>7} {'sim s':>7} {'metric s':>9} "
+              f"{'peak RSS GiB':>12} " + " ".join(f"{k:>7}" for k in METRIC_KEYS))
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cuda = f"  (CUDA peak {row['peak_cuda_gib']:.2f} GiB)" if "peak_cuda_gib" in row else ""
+        print(f"{row['size']:<5} {row['impl']:<10} {row['queries']:>7} {row['gallery']:>7} "
+              f"{row['similarity_s']:>7.2f} {row['metric_s']:>9.2f} {row['peak_rss_gib']:>12.2f} "
+              + " ".join(f"{row['metrics'][k]:>7.3f}" for k in METRIC_KEYS) + cuda)
+
+
+def main(argv=None) -> dict[str, float]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but CUDA is not available here; use --device cpu")
+    sizes = ("icfg", "cuhk") if args.size == "both" else (args.size,)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, device={args.device}, features={args.features}")
+
+    rows, notes, ratios = [], [], {}
+    for size in sizes:
+        ours = spawn(args, "ours", size)
+        rows.append(ours)
+        if args.skip_reference:
+            continue
+        ref = spawn(args, "reference", size)
+        rows.append(ref)
+        full_queries = SIZES[size][0]
+        expected = ours["metrics"]
+        ref_metric_s = ref["metric_s"]
+        if ref["queries"] < full_queries:
+            expected = ours["subset_metrics"]
+            ref_metric_s *= full_queries / ref["queries"]
+            notes.append(f"{size}: reference ran on the first {ref['queries']} of {full_queries} queries; its "
+                         f"metric time is extrapolated linearly to {ref_metric_s:.2f} s, its peak RSS is for the "
+                         f"subset, and agreement is checked on that subset")
+        diff = max(abs(expected[k] - ref["metrics"][k]) for k in METRIC_KEYS)
+        status = "OK" if diff <= TOLERANCE else "MISMATCH"
+        notes.append(f"{size}: max |ours - reference| over {', '.join(METRIC_KEYS)} = {diff:.2e} ({status}, "
+                     f"tolerance {TOLERANCE:g})")
+        ratios[size] = ref_metric_s / ours["metric_s"]
+
+    print_table(rows)
+    for note in notes:
+        print(note)
+    if ratios:
+        print("speed ratio (reference metric time / retrieval_metrics time): "
+              + ", ".join(f"{size} {ratio:.1f}x" for size, ratio in ratios.items()))
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
