@@ -108,6 +108,7 @@ def run_training(cfg) -> dict:
     device = resolve_device(cfg.device)
     comm.init_distributed(device)
     run_dir = _prepare_run_folder(cfg)
+    comm.barrier()  # every rank checks the folder before rank 0 writes into it
     if comm.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
@@ -184,8 +185,9 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
 def run_test(cfg, config_file: str | Path) -> dict:
     """Rebuild the run from its saved config and evaluate a checkpoint on the test split."""
     device = resolve_device(cfg.device)
+    comm.init_distributed(device)  # under torchrun the ranks share the encoding
     run_dir = Path(config_file).resolve().parent
-    setup_logger(run_dir, filename="test.log")
+    setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
     checkpoint = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "best.pth"
     if not checkpoint.is_file():
         existing = sorted(p.name for p in run_dir.glob("*.pth"))
@@ -196,4 +198,6 @@ def run_test(cfg, config_file: str | Path) -> dict:
                f"{run_dir} holds no checkpoint: has training finished a validation yet?"))
     set_seed(cfg.seed)
     dataset = load_dataset(cfg)
-    return evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)
+    result = evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)
+    comm.cleanup()
+    return result
