@@ -204,13 +204,13 @@ def spawn(args: argparse.Namespace, impl: str, size: str) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'size':<5} {'impl':<10} {'queries':>7} {'gallery':>7} {'sim s':>7} {'metric s':>9} "
+    header = (f"{'size':<5} {'impl':<10} {'thr':>3} {'queries':>7} {'gallery':>7} {'sim s':>7} {'metric s':>9} "
               f"{'peak RSS GiB':>12} " + " ".join(f"{k:>7}" for k in METRIC_KEYS))
     print(header)
     print("-" * len(header))
     for row in rows:
         cuda = f"  (CUDA peak {row['peak_cuda_gib']:.2f} GiB)" if "peak_cuda_gib" in row else ""
-        print(f"{row['size']:<5} {row['impl']:<10} {row['queries']:>7} {row['gallery']:>7} "
+        print(f"{row['size']:<5} {row['impl']:<10} {row['threads']:>3} {row['queries']:>7} {row['gallery']:>7} "
               f"{row['similarity_s']:>7.2f} {row['metric_s']:>9.2f} {row['peak_rss_gib']:>12.2f} "
               + " ".join(f"{row['metrics'][k]:>7.3f}" for k in METRIC_KEYS) + cuda)
 
@@ -223,10 +223,10 @@ def main(argv=None) -> dict[str, float]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but CUDA is not available here; use --device cpu")
     sizes = ("icfg", "cuhk") if args.size == "both" else (args.size,)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, device={args.device}, features={args.features}")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+          f"(load average {os.getloadavg()[0]:.1f} at start), device={args.device}, features={args.features}")
 
-    rows, notes, ratios = [], [], {}
+    rows, notes, ratios, agree = [], [], {}, True
     for size in sizes:
         ours = spawn(args, "ours", size)
         rows.append(ours)
@@ -244,6 +244,7 @@ def main(argv=None) -> dict[str, float]:
                          f"metric time is extrapolated linearly to {ref_metric_s:.2f} s, its peak RSS is for the "
                          f"subset, and agreement is checked on that subset")
         diff = max(abs(expected[k] - ref["metrics"][k]) for k in METRIC_KEYS)
+        agree &= diff <= TOLERANCE
         status = "OK" if diff <= TOLERANCE else "MISMATCH"
         notes.append(f"{size}: max |ours - reference| over {', '.join(METRIC_KEYS)} = {diff:.2e} ({status}, "
                      f"tolerance {TOLERANCE:g})")
@@ -255,6 +256,8 @@ def main(argv=None) -> dict[str, float]:
     if ratios:
         print("speed ratio (reference metric time / retrieval_metrics time): "
               + ", ".join(f"{size} {ratio:.1f}x" for size, ratio in ratios.items()))
+    if not agree:
+        raise SystemExit(1)
     return ratios
 
 

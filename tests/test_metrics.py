@@ -182,3 +182,13 @@ def test_cuda_matches_cpu():
     actual = retrieval_metrics(similarity.cuda().half(), query_pids.cuda(), gallery_pids)
     assert_close(actual, retrieval_metrics(similarity.half(), query_pids, gallery_pids))
     assert_close(retrieval_metrics(similarity.cuda(), query_pids.cuda(), gallery_pids.cuda()), expected)
+
+
+def test_benchmark_reference_agrees():
+    # The argsort-based ranking that benchmarks/bench_eval.py times against.
+    from benchmarks.bench_eval import reference_rank
+    similarity, query_pids, gallery_pids = random_problem(8, 40, 30, 6, ties=True)
+    cmc, mAP, mINP = reference_rank(similarity, query_pids, gallery_pids)
+    metrics = retrieval_metrics(similarity, query_pids, gallery_pids)
+    assert [metrics["R1"], metrics["R5"], metrics["R10"], metrics["mAP"], metrics["mINP"]] == pytest.approx(
+        [float(cmc[0]), float(cmc[4]), float(cmc[9]), float(mAP), float(mINP)], abs=1e-4)

@@ -113,10 +113,9 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, ranks: Sequence[int]
             gallery item is ranked within the top k.
         chunk_size: queries ranked per vectorised step. None picks about 8M
             similarity entries per step. Working memory is chunk_size * G bytes
-            plus ~40 bytes per candidate (entries scoring at least their
-            query's lowest relevant score), so at most ~50 * chunk_size * G
-            bytes, on top of a float32 copy of the chunk when the input is not
-            float32.
+            plus ~50 bytes per candidate (entry scoring at least its query's
+            lowest relevant score), so at most ~50 * chunk_size * G bytes, and
+            a float32 copy of the chunk when the input is not float32.
 
     Returns:
         {"R1": .., "R5": .., "R10": .., "mAP": .., "mINP": ..} as Python floats
