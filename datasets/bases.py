@@ -31,12 +31,19 @@ class ImageTextDataset(Dataset):
     With ``skip_bad_images`` an unreadable image is replaced by the next
     readable image of the same identity (with this item's caption), and a
     warning names it; otherwise BadImageError stops training.
+
+    With an ``image_cache`` (``datasets.cache.ImageCache``) the image is read
+    from the cache, already resized, and returned unaugmented as
+    ``"images_uint8": (3, H, W) uint8`` with its ``"aug_seeds": long`` instead
+    of ``"images"``; ``transform`` is unused and ``BatchAugment`` augments the
+    collated batch.
     """
 
-    def __init__(self, items: Sequence[TrainItem], transform: Callable, text_length: int = 77,
-                 text_aug: TextAugment | None = None, skip_bad_images: bool = False):
+    def __init__(self, items: Sequence[TrainItem], transform: Callable | None, text_length: int = 77,
+                 text_aug: TextAugment | None = None, skip_bad_images: bool = False, image_cache=None):
         self.items = list(items)
         self.transform = transform
+        self.image_cache = image_cache
         self.text_length = text_length
         self.text_aug = text_aug or TextAugment(enabled=False)
         self.skip_bad_images = skip_bad_images
@@ -46,11 +53,15 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _load(self, path: str):
+        """A PIL image, or with the cache a (3, H, W) uint8 tensor; BadImageError if unreadable."""
+        return self.image_cache.get(path) if self.image_cache is not None else read_image(path)
+
     def _read(self, index: int):
         """(image, replaced): `replaced` is True when a stand-in image was used."""
         item = self.items[index]
         try:
-            return read_image(item.path), False
+            return self._load(item.path), False
         except BadImageError:
             if not self.skip_bad_images:
                 raise
@@ -68,7 +79,7 @@ class ImageTextDataset(Dataset):
                 continue
             tried.add(path)
             try:
-                return read_image(path), True
+                return self._load(path), True
             except BadImageError:
                 self._note_skipped(path)
         raise BadImageError(item.path, f"no readable image of identity {item.pid} to use instead")
@@ -84,6 +95,15 @@ class ImageTextDataset(Dataset):
         item = self.items[index]
         image, replaced = self._read(index)
         caption_ids = tokenize_caption(item.caption, self.text_length)
+        if self.image_cache is not None:
+            if sample_seed is None:
+                sample_seed = int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator().manual_seed(sample_seed + 1)
+            return {"images_uint8": image, "aug_seeds": torch.tensor(sample_seed, dtype=torch.long),
+                    "caption_ids": augment_caption(caption_ids, self.text_aug, generator),
+                    "pids": torch.tensor(item.pid, dtype=torch.long),
+                    "image_ids": torch.tensor(item.image_id, dtype=torch.long),
+                    "replaced_images": torch.tensor(int(replaced))}
         if sample_seed is None:
             images = self.transform(image)
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
@@ -101,20 +121,27 @@ class ImageTextDataset(Dataset):
 
 
 class ImageDataset(Dataset):
-    """Evaluation gallery: ``{"images": (3, H, W) float, "pids": long}``, in list order."""
+    """Evaluation gallery: ``{"images": (3, H, W) float, "pids": long}``, in list order.
 
-    def __init__(self, image_paths: Sequence[str], pids: Sequence[int], transform: Callable):
+    ``transform`` receives the decoded PIL image, or with an ``image_cache``
+    the cached (3, H, W) uint8 tensor (e.g. ``datasets.cache.Uint8Normalize``).
+    """
+
+    def __init__(self, image_paths: Sequence[str], pids: Sequence[int], transform: Callable, image_cache=None):
         if len(image_paths) != len(pids):
             raise ValueError(f"{len(image_paths)} image paths but {len(pids)} pids.")
         self.image_paths = list(image_paths)
         self.pids = list(pids)
         self.transform = transform
+        self.image_cache = image_cache
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"images": self.transform(read_image(self.image_paths[index])),
+        path = self.image_paths[index]
+        image = self.image_cache.get(path) if self.image_cache is not None else read_image(path)
+        return {"images": self.transform(image),
                 "pids": torch.tensor(self.pids[index], dtype=torch.long)}
 
 

@@ -8,6 +8,14 @@ So a run resumed at (epoch, batch) with ``set_epoch(epoch, start_batch=batch)``
 sees the same batches, augmented the same way, whatever the number of workers
 or ranks. Worker processes additionally get Python/NumPy seeds from torch's
 per-worker seed (only relevant for code that uses those generators).
+
+Two image paths, chosen by ``cache_dir``: without it (the reference), every
+sample is decoded and augmented on its own by torchvision in the loader
+workers; with it, images are decoded and resized once into an
+``datasets.cache.ImageCache`` and the loader yields uint8 images with their
+sample seeds, which ``loader.prepare_batch(batch, device)`` augments
+batch-wise on the training device (``datasets.cache.BatchAugment``: the same
+augmentation distribution, drawn from the same sample seeds).
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.bases import ImageDataset, ImageTextDataset, TextDataset
+from datasets.cache import AugmentingCollate, BatchAugment, ImageCache, Uint8Normalize
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
 from datasets.pedes import EvalSplit, PedesDataset, TrainItem
@@ -53,19 +62,49 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class TrainLoader(DataLoader):
+    """A DataLoader whose batches go through ``prepare_batch`` before the model.
+
+    ``prepare_batch(batch, device)`` moves the batch's tensors to ``device``
+    (non-blocking) and, when the loader yields cached uint8 images
+    (``"images_uint8"`` + ``"aug_seeds"``), augments them there into
+    ``"images"`` (B, 3, H, W) float32. Batches of the reference path only move.
+    """
+
+    def __init__(self, *args, batch_augment: BatchAugment | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_augment = batch_augment
+
+    def prepare_batch(self, batch: dict, device: torch.device) -> dict:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "images_uint8" in batch:
+            batch["images"] = self.batch_augment(batch.pop("images_uint8"), batch.pop("aug_seeds"))
+        return batch
+
+
 def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_size: int,
                        sampler: str = "random", num_instances: int = 4,
                        image_size: tuple[int, int] = (384, 128), augment: ImageAugment | None = None,
                        text_length: int = 77, text_aug: TextAugment | None = None,
                        num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
-                       skip_bad_images: bool = False) -> DataLoader:
+                       skip_bad_images: bool = False, cache_dir: str | os.PathLike | None = None,
+                       augment_in_workers: bool = False) -> TrainLoader:
     """DataLoader of training batches ``{"images": B,3,H,W, "caption_ids": B,L, "pids": B, "image_ids": B}``.
 
     ``batch_size`` is the global batch; this rank gets ``batch_size // world_size``
     samples per step. The loader's ``batch_sampler`` has ``set_epoch(epoch,
     start_batch=0)``; call it before every epoch. ``persistent_workers`` only
     applies with ``num_workers > 0``, ``pin_memory`` only when CUDA is available.
+    Pass every batch through ``loader.prepare_batch(batch, device)``.
+
+    ``cache_dir``: None decodes and augments every sample in the workers (the
+    reference path). A folder: the images are decoded once into an image
+    cache there (built with ``num_workers`` processes on first use, rebuilt
+    when the images or the size change), batches carry ``"images_uint8":
+    B,3,H,W uint8`` and ``"aug_seeds": B`` and ``prepare_batch`` augments them
+    on ``device``; with ``augment_in_workers`` the loader workers augment
+    instead (for CPU training, where the workers run beside the model).
     """
     items = dataset.train if isinstance(dataset, PedesDataset) else list(dataset)
     if not items:
@@ -78,25 +117,43 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
                                              rank, world_size, yield_seeds=True)
     else:
         raise ValueError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    data = ImageTextDataset(items, build_train_transform(image_size, augment), text_length, text_aug,
-                            skip_bad_images=skip_bad_images)
-    return DataLoader(data, batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=pin_memory and torch.cuda.is_available(),
-                      persistent_workers=persistent_workers and num_workers > 0,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed))
+    batch_augment, collate_fn = None, None
+    if cache_dir is None:
+        data = ImageTextDataset(items, build_train_transform(image_size, augment), text_length, text_aug,
+                                skip_bad_images=skip_bad_images)
+    else:
+        cache = ImageCache.open([item.path for item in items], image_size, cache_dir, num_workers=num_workers,
+                                skip_bad_images=skip_bad_images)
+        data = ImageTextDataset(items, None, text_length, text_aug, skip_bad_images=skip_bad_images,
+                                image_cache=cache)
+        batch_augment = BatchAugment(image_size, augment)
+        if augment_in_workers:
+            collate_fn = AugmentingCollate(batch_augment)
+    return TrainLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
+                       pin_memory=pin_memory and torch.cuda.is_available(),
+                       persistent_workers=persistent_workers and num_workers > 0,
+                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                       batch_augment=batch_augment)
 
 
 def build_eval_loaders(split: EvalSplit, *, image_size: tuple[int, int] = (384, 128), batch_size: int = 64,
                        text_length: int = 77, num_workers: int = 0, pin_memory: bool = False,
-                       persistent_workers: bool = False) -> tuple[DataLoader, DataLoader]:
+                       persistent_workers: bool = False,
+                       cache_dir: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
     """(image_loader, text_loader) over an evaluation split, in list order, no shuffling.
 
     Image batches: ``{"images": B,3,H,W, "pids": B}``; text batches:
     ``{"caption_ids": B,L, "pids": B}`` (original dataset identities).
+    With ``cache_dir`` the images come from an image cache of the split
+    (see ``build_train_loader``), normalised only: the same tensors as without.
     """
     common = dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                   pin_memory=pin_memory and torch.cuda.is_available(),
                   persistent_workers=persistent_workers and num_workers > 0)
-    images = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(image_size))
+    if cache_dir is None:
+        images = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(image_size))
+    else:
+        cache = ImageCache.open(split.image_paths, image_size, cache_dir, num_workers=num_workers)
+        images = ImageDataset(split.image_paths, split.image_pids, Uint8Normalize(), image_cache=cache)
     texts = TextDataset(split.captions, split.caption_pids, text_length)
     return DataLoader(images, **common), DataLoader(texts, **common)
