@@ -1,9 +1,18 @@
-"""Process-group helpers. A plain `python train.py` is one process and none of
-these functions touch torch.distributed; under `torchrun` the group is set up
-from its environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""Process-group helpers.
+
+A plain `python train.py` is one process and none of these functions touch
+torch.distributed (every collective below returns its input unchanged). Under
+`torchrun` the group is set up from its environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL when the device is CUDA, Gloo on
+CPU.
+
+The collectives here carry no gradient; the differentiable gathers that let the
+contrastive losses see the global batch live next to the losses (model/build.py).
+"""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,17 +35,24 @@ def is_main_process() -> bool:
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    """True when torchrun started this process as one of several workers."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+            and int(os.environ["WORLD_SIZE"]) > 1)
+
+
+def backend_for(device: torch.device) -> str:
+    """The collective backend for tensors on `device`: NCCL for CUDA, Gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join torchrun's process group: NCCL on CUDA, Gloo on CPU."""
+    """Join torchrun's process group (a no-op for a single process or when already joined)."""
     if not launched_by_torchrun() or is_dist():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # NCCL and the object collectives use the current device of each process.
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend_for(device))
 
 
 def barrier() -> None:
@@ -47,3 +63,60 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def shard_bounds(num_items: int, rank: int | None = None,
+                 world_size: int | None = None) -> tuple[int, int]:
+    """[start, stop) of `rank`'s contiguous share of `num_items` items.
+
+    Shares differ by at most one item and, concatenated in rank order, give
+    back the items in their original order.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order; ranks may hold different counts.
+
+    x: (n_r, ...) on this rank's collective device (CUDA under NCCL). A rank with
+    no rows may pass any empty tensor; the trailing shape and dtype are taken
+    from the ranks that have rows. Returns (sum of n_r, ...). No gradient.
+    """
+    if not is_dist():
+        return x
+    metas = all_gather_object((x.shape[0], tuple(x.shape[1:]), x.dtype))
+    sizes = [n for n, _, _ in metas]
+    filled = [(tail, dtype) for n, tail, dtype in metas if n > 0]
+    if not filled:
+        return x
+    tail, dtype = filled[0]
+    if x.shape[0] == 0:
+        x = x.new_zeros((0, *tail), dtype=dtype)
+    padded = x.new_zeros((max(sizes), *tail), dtype=dtype)  # equal shapes for all_gather
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
