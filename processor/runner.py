@@ -130,6 +130,9 @@ def run_training(cfg) -> dict:
                 count_parameters(model, trainable_only=True) / 1e6)
     ddp_model = model
     if comm.get_world_size() > 1:
+        # Same initial weights everywhere (DDP broadcasts rank 0's anyway), but each
+        # rank draws its own dropout and MLM masks from here on.
+        torch.manual_seed(cfg.seed + comm.get_rank())
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     s = cfg.solver

@@ -124,6 +124,17 @@ class Trainer:
                 pass
         return previous
 
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over all ranks, so every rank takes the same branch.
+
+        One small all-reduce per call under torchrun; nothing in one process.
+        """
+        if comm.get_world_size() == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     # -- one step -----------------------------------------------------------
     def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
         cfg = self.cfg.solver
@@ -132,7 +143,9 @@ class Trainer:
         with autocast(self.device, cfg.precision):
             losses = self.model(batch)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        # One host sync per step; ranks agree so that none waits alone in backward.
+        (nonfinite,) = self._any_rank(not bool(torch.isfinite(total)))
+        if nonfinite:
             return self._nonfinite(losses)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
@@ -197,17 +210,26 @@ class Trainer:
         progress = self._progress(steps)
         batches = iter(self.train_loader)
         while True:
+            bad_image = None
             try:
                 batch = next(batches)
             except StopIteration:
-                break
+                break  # every rank has the same number of batches
             except BadImageError as err:
-                path = self.save("last.pth")
-                raise BadImageError(err.path, message=(
-                    f"{err}. Training stopped at epoch {self.epoch + 1}, batch "
-                    f"{self.batch_in_epoch}; the state before this batch is saved to {path}. Fix "
-                    f"or remove the file (or set dataset.skip_bad_images=true), then resume with "
-                    f"resume=true.")) from err
+                bad_image = err
+            stop, any_bad = self._any_rank(self._stop_signal is not None, bad_image is not None)
+            if any_bad:
+                self.save("last.pth")
+                reason = (str(bad_image) if bad_image is not None
+                          else "another rank could not read a training image (see its message)")
+                raise BadImageError(getattr(bad_image, "path", ""), message=(
+                    f"{reason}. Training stopped at epoch {self.epoch + 1}, batch "
+                    f"{self.batch_in_epoch}; the state before this batch is saved to "
+                    f"{self.run_dir / 'last.pth'}. Fix or remove the file (or set "
+                    f"dataset.skip_bad_images=true), then resume with resume=true.")
+                ) from bad_image
+            if stop:
+                self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
             losses = self._step(batch)
@@ -227,15 +249,6 @@ class Trainer:
             every = cfg.checkpoint.every_n_steps
             if every and self.global_step % every == 0 and self.batch_in_epoch < steps:
                 self.save("last.pth")
-            if self._stop_signal is not None:
-                path = self.save("last.pth")
-                if progress is not None:
-                    progress.close()
-                raise StopRequested(
-                    f"stopped by {signal.Signals(self._stop_signal).name} at epoch "
-                    f"{self.epoch + 1}, batch {self.batch_in_epoch}; state saved to {path}. "
-                    f"Resume with: python train.py --config_file "
-                    f"{self.run_dir / 'configs.yaml'} resume=true")
         if progress is not None:
             progress.close()
         logger.info("epoch %d/%d done in %.1fs: %s", self.epoch + 1, cfg.solver.num_epoch,
@@ -244,6 +257,18 @@ class Trainer:
             logger.warning("epoch %d: %d unreadable training images were skipped (replaced by "
                            "another image of the same identity); see the warnings above for "
                            "their paths", self.epoch + 1, replaced_images)
+
+    def _stop(self, progress) -> None:
+        """A stop signal reached some rank: save and leave, all ranks together."""
+        path = self.run_dir / "last.pth"
+        self.save("last.pth")
+        if progress is not None:
+            progress.close()
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        raise StopRequested(
+            f"stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}; state "
+            f"saved to {path}. Resume with: python train.py --config_file "
+            f"{self.run_dir / 'configs.yaml'} resume=true")
 
     def _progress(self, steps: int):
         if not comm.is_main_process():
