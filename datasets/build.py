@@ -65,18 +65,21 @@ def seed_worker(worker_id: int) -> None:
 class TrainLoader(DataLoader):
     """A DataLoader whose batches go through ``prepare_batch`` before the model.
 
-    ``prepare_batch(batch, device)`` moves the batch's tensors to ``device``
-    (non-blocking) and, when the loader yields cached uint8 images
-    (``"images_uint8"`` + ``"aug_seeds"``), augments them there into
-    ``"images"`` (B, 3, H, W) float32. Batches of the reference path only move.
+    ``prepare_batch(batch, device, keys)`` moves the batch's tensors (only
+    those named in ``keys``, if given) to ``device`` (non-blocking) and, when
+    the loader yields cached uint8 images (``"images_uint8"`` +
+    ``"aug_seeds"``), augments them there into ``"images"`` (B, 3, H, W)
+    float32. Batches of the reference path only move.
     """
 
     def __init__(self, *args, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_augment = batch_augment
 
-    def prepare_batch(self, batch: dict, device: torch.device) -> dict:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def prepare_batch(self, batch: dict, device: torch.device, keys: Sequence[str] | None = None) -> dict:
+        wanted = None if keys is None else {*keys, "images_uint8", "aug_seeds"}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+                 if wanted is None or k in wanted}
         if "images_uint8" in batch:
             batch["images"] = self.batch_augment(batch.pop("images_uint8"), batch.pop("aug_seeds"))
         return batch

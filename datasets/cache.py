@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -91,18 +92,19 @@ def _key(paths: Sequence[str], image_size: tuple[int, int]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _fill_rows(data_file: str, rows: list[tuple[int, str]], image_size: tuple[int, int],
-               skip_bad_images: bool) -> list[str]:
-    """Decode ``rows`` (row, path) into the open-for-writing array in ``data_file``; return bad paths."""
+def _fill_rows(data_file: str, rows: list[tuple[int, str]], image_size: tuple[int, int]) -> list[tuple[str, str]]:
+    """Decode ``rows`` (row, path) into the array in ``data_file``; return (path, error) of unreadable ones.
+
+    Errors are returned, not raised, so they cross process boundaries intact and
+    one build reports every unreadable image; their rows stay zero.
+    """
     array = np.load(data_file, mmap_mode="r+")
     bad = []
     for row, path in rows:
         try:
             array[row] = decode_resized(path, image_size)
-        except BadImageError:
-            if not skip_bad_images:
-                raise
-            bad.append(path)
+        except BadImageError as err:
+            bad.append((path, str(err)))
             array[row] = 0
     array.flush()
     return bad
@@ -191,6 +193,12 @@ class ImageCache:
         size_gb = len(paths) * 3 * height * width / 1e9
         logger.info("building image cache %s: %d images at %dx%d (%.2f GB)", data_file, len(paths), height, width,
                     size_gb)
+        free = shutil.disk_usage(index_file.parent).free
+        if free < size_gb * 1e9 + 2**28:
+            # Writing a memory map past the end of the disk kills the process (SIGBUS): refuse up front.
+            raise OSError(f"the image cache needs {size_gb:.2f} GB but {index_file.parent} has "
+                          f"{free / 1e9:.2f} GB free; free space, choose another dataset.cache_dir or turn the "
+                          "cache off")
         start = time.perf_counter()
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, height, width))
         del array  # written through per-task maps below
@@ -199,15 +207,20 @@ class ImageCache:
             if num_workers > 0:
                 chunks = [rows[i:i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
                 with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                    futures = [pool.submit(_fill_rows, str(tmp), chunk, image_size, skip_bad_images)
-                               for chunk in chunks]
-                    bad = [path for future in futures for path in future.result()]
+                    futures = [pool.submit(_fill_rows, str(tmp), chunk, image_size) for chunk in chunks]
+                    bad = [entry for future in futures for entry in future.result()]
             else:
-                bad = _fill_rows(str(tmp), rows, image_size, skip_bad_images)
+                bad = _fill_rows(str(tmp), rows, image_size)
+            if bad and not skip_bad_images:
+                listed = "; ".join(reason for _, reason in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+                raise BadImageError(bad[0][0], message=(
+                    f"{len(bad)} unreadable image(s) while building the image cache: {listed}. Fix or remove "
+                    "them, or set dataset.skip_bad_images=true to train without them."))
             os.replace(tmp, data_file)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        bad = [path for path, _ in bad]
         previous = None
         try:
             previous = json.loads(index_file.read_text()).get("data_file")

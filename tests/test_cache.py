@@ -132,8 +132,8 @@ def test_unreadable_image_stops_the_build_or_is_skipped(private_root, tmp_path):
     broken = paths[2]
     with open(broken, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(BadImageError, match=os.path.basename(broken)):
-        ImageCache.open(paths, SIZE, tmp_path / "strict")
+    with pytest.raises(BadImageError, match=f"1 unreadable image.*{os.path.basename(broken)}.*skip_bad_images"):
+        ImageCache.open(paths, SIZE, tmp_path / "strict", num_workers=2)  # errors cross from the workers
     assert not list((tmp_path / "strict").glob("*.npy*"))  # no half-built file left behind
 
     cache = ImageCache.open(paths, SIZE, tmp_path / "lenient", skip_bad_images=True)
@@ -312,6 +312,10 @@ def test_cached_train_loader_yields_the_same_batches_augmented_on_the_device(dat
     assert batch["images"].shape == plain_batch["images"].shape and batch["images"].dtype == torch.float32
     # Normalised as the reference: padding zeros map to -mean/std.
     assert batch["images"].min() >= -mean_over_std_max() - 1e-6
+
+    model_inputs = cached.prepare_batch(raw, torch.device("cpu"), keys=("images", "caption_ids", "pids"))
+    assert set(model_inputs) == {"images", "caption_ids", "pids"}
+    assert torch.equal(model_inputs["images"], batch["images"])
 
     in_workers = build_train_loader(dataset, cache_dir=tmp_path, augment_in_workers=True, **loader_args())
     worker_batch = in_workers.prepare_batch(next(iter(in_workers)), torch.device("cpu"))
