@@ -103,6 +103,7 @@ def main(argv=None) -> dict[str, float]:
         ImageCache.open([item.path for item in dataset.train], size, cache_dir, num_workers=args.workers)
         build_s = time.perf_counter() - start
 
+        load_before = os.getloadavg()[0]
         result = {"reference": images_per_second(build_train_loader(dataset, **common), args.batches)}
         result["cached"] = images_per_second(build_train_loader(dataset, cache_dir=cache_dir, **common),
                                              args.batches)
@@ -112,7 +113,8 @@ def main(argv=None) -> dict[str, float]:
         print(f"{size[0]}x{size[1]}, batch {args.batch_size}, {args.workers} loader workers, flip + pad "
               f"{ImageAugment().padding} crop + erasing {ImageAugment().erasing}, {args.batches} timed batches; "
               f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), main process "
-              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; load average "
+              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
         print(f"cache build (once): {build_s:.1f}s for {num_images} images "
               f"({num_images / build_s:.0f} images/s, {num_images * 3 * size[0] * size[1] / 1e6:.0f} MB)")
         print(f"reference (PIL decode + torchvision per sample): {result['reference']:8.1f} images/s")

@@ -380,6 +380,25 @@ class BatchAugment:
         self.image_size = _size(image_size)
         self.augment = augment or ImageAugment()
         self.padding = self.augment.padding if self.augment.crop else 0
+        self._workspace: dict[str, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_workspace": {}}
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reusable buffer for intermediates that never leave this object (CPU only).
+
+        Fresh CPU allocations of tens of MB are returned to the OS and
+        page-faulted in again on every batch, which costs more than the
+        augmentation itself; the CUDA caching allocator needs no help. Not
+        thread-safe: one BatchAugment per thread.
+        """
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._workspace[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.apply(images, self.draw(seeds), out=out)
@@ -428,10 +447,13 @@ class BatchAugment:
             # Flip before the shift, as the reference flips before padding: column x of the
             # crop reads column W - 1 - x' of the image, x' the unflipped source column.
             cols = torch.where(params.flip[:, None], width - 1 - cols, cols)
-            source = rows.clamp(0, height - 1)[:, :, None] * width + cols.clamp(0, width - 1)[:, None, :]  # B, H, W
+            source = self.scratch("source", (batch, height, width), torch.int64, device)
+            torch.add((rows.clamp(0, height - 1) * width)[:, :, None], cols.clamp(0, width - 1)[:, None, :],
+                      out=source)  # B, H, W flat source pixel
             source = source.reshape(batch, 1, height * width).expand(batch, channels, height * width)
-            images = images.reshape(batch, channels, height * width).gather(2, source)
-            images = images.mul_(inside.reshape(batch, 1, height * width)).reshape(batch, channels, height, width)
+            moved = self.scratch("moved", (batch, channels, height * width), torch.uint8, device)
+            torch.gather(images.reshape(batch, channels, height * width), 2, source, out=moved)
+            images = moved.mul_(inside.reshape(batch, 1, height * width)).reshape(batch, channels, height, width)
         out = normalize_uint8(images, a.mean, a.std, out=out)  # B, 3, H, W
         return self._erase(out, params) if a.erasing > 0 else out
 
@@ -474,8 +496,10 @@ class AugmentingCollate:
         self.augment = augment
 
     def __call__(self, samples: list[dict]) -> dict:
-        images = torch.stack([sample.pop("images_uint8") for sample in samples])  # B, 3, H, W uint8
-        seeds = torch.stack([sample.pop("aug_seeds") for sample in samples])      # B
+        first = samples[0]["images_uint8"]
+        images = self.augment.scratch("stacked", (len(samples), *first.shape), first.dtype, first.device)
+        torch.stack([sample.pop("images_uint8") for sample in samples], out=images)  # B, 3, H, W uint8
+        seeds = torch.stack([sample.pop("aug_seeds") for sample in samples])           # B
         batch = torch.utils.data.default_collate(samples)
         out = None
         if torch.utils.data.get_worker_info() is not None:
