@@ -23,6 +23,11 @@ computes the similarity (timed separately) and then the metrics, and reports
 its peak resident memory (``ru_maxrss``), so the numbers are for the whole
 process. The last line is the speed ratio of the metric computation.
 
+On a machine shared with other busy processes, OpenMP's default spin-waiting
+slows code made of many short parallel ops (like retrieval_metrics) far more
+than one long argsort: compare ``--threads 1``, or set OMP_WAIT_POLICY=PASSIVE
+(the workers inherit the environment). The header shows the load average.
+
     python -m benchmarks.bench_eval                        # both sizes, CPU
     python -m benchmarks.bench_eval --size icfg --ref-queries 4000
     python -m benchmarks.bench_eval --device cuda
