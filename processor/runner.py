@@ -17,7 +17,7 @@ from model import build_model
 from solver import build_optimizer, build_scheduler
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from utils.config import save_config, to_plain
+from utils.config import ConfigError, save_config, to_plain
 from utils.logger import setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
 
@@ -67,6 +67,12 @@ def eval_loaders(cfg, split, device: torch.device):
 
 def train_loader(cfg, dataset, device: torch.device):
     d = cfg.dataset
+    steps, per_rank = cfg.solver.accumulation_steps, cfg.solver.batch_size // comm.get_world_size()
+    if steps < 1 or per_rank % steps:
+        raise ConfigError(f"solver.batch_size={cfg.solver.batch_size} over "
+                          f"{comm.get_world_size()} process(es) gives {per_rank} samples per "
+                          f"process, which must be a multiple of "
+                          f"solver.accumulation_steps={steps}")
     return build_train_loader(
         dataset, batch_size=cfg.solver.batch_size, sampler=d.sampler,
         num_instances=d.num_instance, image_size=tuple(cfg.input.size),
@@ -122,6 +128,12 @@ def run_training(cfg) -> dict:
     dataset = load_dataset(cfg)
     loader = train_loader(cfg, dataset, device)
     val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
+    if cfg.solver.accumulation_steps > 1:
+        logger.warning("solver.accumulation_steps=%d: SDM, ITC, CMPM and CoAR are computed within "
+                       "each micro-batch of %d, not over the whole batch of %d",
+                       cfg.solver.accumulation_steps,
+                       cfg.solver.batch_size // cfg.solver.accumulation_steps,
+                       cfg.solver.batch_size)
     if val is None:
         logger.warning("no validation split: best.pth follows the last epoch; set "
                        "dataset.val_ids=N to hold out N training identities")

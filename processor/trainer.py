@@ -1,6 +1,7 @@
 """The training loop: steps, logging, validation, checkpoints and resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,6 +65,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_epoch = -1
         self.nonfinite_steps = 0
+        self.accumulation_steps = cfg.solver.accumulation_steps
         self._stop_signal: int | None = None
 
     # -- checkpoints --------------------------------------------------------
@@ -136,22 +138,53 @@ class Trainer:
         return [bool(v) for v in t.tolist()]
 
     # -- one step -----------------------------------------------------------
-    def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor] | None:
+        """Losses of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
+
+        Returns None when the loss was not finite (the accumulated group is dropped).
+        `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
+        """
         cfg = self.cfg.solver
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                  if k in MODEL_INPUTS}
-        with autocast(self.device, cfg.precision):
-            losses = self.model(batch)
-        total = sum(losses.values())
-        # One host sync per step; ranks agree so that none waits alone in backward.
-        (nonfinite,) = self._any_rank(not bool(torch.isfinite(total)))
-        if nonfinite:
-            return self._nonfinite(losses)
+        no_sync = getattr(self.model, "no_sync", None)
+        with contextlib.ExitStack() as stack:
+            if not sync and no_sync is not None:
+                stack.enter_context(no_sync())
+            with autocast(self.device, cfg.precision):
+                losses = self.model(batch)
+            total = sum(losses.values())
+            # One host sync per step; ranks agree so that none waits alone in backward.
+            (nonfinite,) = self._any_rank(not bool(torch.isfinite(total)))
+            if nonfinite:
+                return self._nonfinite(losses)
+            scaled = total / self.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
+
+    def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
+
+        Returns the micro-batch-averaged loss terms, or None if a loss was not finite
+        (then no update is made).
+        """
+        count = self.accumulation_steps
+        micro_batches = [{k: v.chunk(count)[i] for k, v in batch.items()} for i in range(count)]
+        totals: dict[str, torch.Tensor] = {}
+        for i, micro in enumerate(micro_batches):
+            losses = self._forward_backward(micro, sync=i == count - 1)
+            if losses is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            for key, value in losses.items():
+                totals[key] = totals[key] + value / count if key in totals else value / count
+        self._optimizer_step()
+        return totals
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg.solver
         if self.scaler is not None:
-            self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
         if self.scaler is not None:
@@ -161,7 +194,6 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
 
     def _nonfinite(self, losses: dict[str, torch.Tensor]):
         self.optimizer.zero_grad(set_to_none=True)
