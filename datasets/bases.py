@@ -49,6 +49,7 @@ class ImageTextDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self._items_of_pid: dict[int, list[int]] | None = None
         self._skipped: set[str] = set()
+        self._caption_ids: dict[int, torch.Tensor] = {}  # tokenised once per process, reused every epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -94,7 +95,9 @@ class ImageTextDataset(Dataset):
         index, sample_seed = key if isinstance(key, (tuple, list)) else (key, None)
         item = self.items[index]
         image, replaced = self._read(index)
-        caption_ids = tokenize_caption(item.caption, self.text_length)
+        caption_ids = self._caption_ids.get(index)
+        if caption_ids is None:
+            caption_ids = self._caption_ids[index] = tokenize_caption(item.caption, self.text_length)
         if self.image_cache is not None:
             if sample_seed is None:
                 sample_seed = int(torch.randint(0, 2**62, ()).item())

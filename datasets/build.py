@@ -75,13 +75,15 @@ class TrainLoader(DataLoader):
     def __init__(self, *args, batch_augment: BatchAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_augment = batch_augment
+        # Workers that already flipped and shifted leave only normalisation and erasing.
+        self._finish = self.collate_fn.finish if isinstance(self.collate_fn, AugmentingCollate) else batch_augment
 
     def prepare_batch(self, batch: dict, device: torch.device, keys: Sequence[str] | None = None) -> dict:
         wanted = None if keys is None else {*keys, "images_uint8", "aug_seeds"}
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
                  if wanted is None or k in wanted}
         if "images_uint8" in batch:
-            batch["images"] = self.batch_augment(batch.pop("images_uint8"), batch.pop("aug_seeds"))
+            batch["images"] = self._finish(batch.pop("images_uint8"), batch.pop("aug_seeds"))
         return batch
 
 
@@ -106,8 +108,9 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     cache there (built with ``num_workers`` processes on first use, rebuilt
     when the images or the size change), batches carry ``"images_uint8":
     B,3,H,W uint8`` and ``"aug_seeds": B`` and ``prepare_batch`` augments them
-    on ``device``; with ``augment_in_workers`` the loader workers augment
-    instead (for CPU training, where the workers run beside the model).
+    on ``device``. With ``augment_in_workers`` the loader workers flip and
+    crop (still uint8) and ``prepare_batch`` normalises and erases: for CPU
+    training, where the workers run beside the model.
     """
     items = dataset.train if isinstance(dataset, PedesDataset) else list(dataset)
     if not items:

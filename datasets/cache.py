@@ -365,7 +365,12 @@ class BatchAugment:
 
     Call ``augment(images, seeds)``: images (B, 3, H, W) uint8, seeds (B,)
     int64 sample seeds, both on the same device; returns (B, 3, H, W) float32.
-    All work is tensor operations over the whole batch.
+    The work is tensor operations over the whole batch with no host-device
+    sync, except that on the CPU the erasing boxes are written one by one
+    (cheaper there than a masked pass over the batch). ``flip_and_shift``
+    (uint8) and ``normalize_and_erase`` are the two halves of ``apply``.
+    With the same parameters, the output is bit-identical to torchvision's
+    transforms on the cached image (``tests/test_cache.py`` checks it).
     """
 
     # Columns of the per-sample uniforms (see ``draw``).
@@ -428,34 +433,56 @@ class BatchAugment:
         return AugmentParams(flip, top, left, erase, box_top, box_left, box_h, box_w)
 
     def apply(self, images: torch.Tensor, params: AugmentParams, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Augment ``images`` (B, 3, H, W) uint8 with ``params``; returns (B, 3, H, W) float32.
+        """Augment ``images`` (B, 3, H, W) uint8 with ``params``; returns (B, 3, H, W) float32 (into ``out``)."""
+        self._check(images)
+        moved = None
+        if images.device.type == "cpu":
+            moved = self.scratch("moved", tuple(images.shape), torch.uint8, images.device)
+        return self.normalize_and_erase(self.flip_and_shift(images, params, out=moved), params, out=out)
 
-        ``out``: optional float32 tensor of that shape to write into (e.g. in
-        shared memory, to hand the batch from a loader worker without a copy).
-        """
+    def _check(self, images: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"BatchAugment expects uint8 images of shape (B, 3, {self.image_size[0]}, "
                              f"{self.image_size[1]}); got {images.dtype} {tuple(images.shape)}.")
-        a = self.augment
+
+    def flip_and_shift(self, images: torch.Tensor, params: AugmentParams,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """The geometric half: flip, then pad + crop (a shift with zeros shifted in). uint8 -> uint8 (B, 3, H, W).
+
+        ``out``: optional uint8 tensor to write into (e.g. shared memory in a loader worker).
+        """
+        self._check(images)
+        if not (self.augment.flip or self.padding):
+            return images if out is None else out.copy_(images)
         batch, channels, height, width = images.shape
         device = images.device
-        if a.flip or self.padding:
-            rows = torch.arange(height, device=device)[None, :] + (params.top - self.padding)[:, None]  # B, H
-            cols = torch.arange(width, device=device)[None, :] + (params.left - self.padding)[:, None]  # B, W
-            inside = (((rows >= 0) & (rows < height))[:, :, None]
-                      & ((cols >= 0) & (cols < width))[:, None, :])  # B, H, W
-            # Flip before the shift, as the reference flips before padding: column x of the
-            # crop reads column W - 1 - x' of the image, x' the unflipped source column.
-            cols = torch.where(params.flip[:, None], width - 1 - cols, cols)
-            source = self.scratch("source", (batch, height, width), torch.int64, device)
-            torch.add((rows.clamp(0, height - 1) * width)[:, :, None], cols.clamp(0, width - 1)[:, None, :],
-                      out=source)  # B, H, W flat source pixel
-            source = source.reshape(batch, 1, height * width).expand(batch, channels, height * width)
-            moved = self.scratch("moved", (batch, channels, height * width), torch.uint8, device)
-            torch.gather(images.reshape(batch, channels, height * width), 2, source, out=moved)
-            images = moved.mul_(inside.reshape(batch, 1, height * width)).reshape(batch, channels, height, width)
-        out = normalize_uint8(images, a.mean, a.std, out=out)  # B, 3, H, W
-        return self._erase(out, params) if a.erasing > 0 else out
+        rows = torch.arange(height, device=device)[None, :] + (params.top - self.padding)[:, None]  # B, H
+        cols = torch.arange(width, device=device)[None, :] + (params.left - self.padding)[:, None]  # B, W
+        row_inside = ((rows >= 0) & (rows < height)).to(torch.uint8)  # B, H
+        col_inside = ((cols >= 0) & (cols < width)).to(torch.uint8)   # B, W
+        # Flip before the shift, as the reference flips before padding: column x of the
+        # crop reads column W - 1 - x' of the image, x' the unflipped source column.
+        cols = torch.where(params.flip[:, None], width - 1 - cols, cols)
+        source = self.scratch("source", (batch, height, width), torch.int64, device)
+        torch.add((rows.clamp(0, height - 1) * width)[:, :, None], cols.clamp(0, width - 1)[:, None, :],
+                  out=source)  # B, H, W: flat index of the source pixel
+        source = source.reshape(batch, 1, height * width).expand(batch, channels, height * width)
+        if out is None:
+            out = torch.empty_like(images)
+        torch.gather(images.reshape(batch, channels, height * width), 2, source,
+                     out=out.view(batch, channels, height * width))
+        return out.mul_(row_inside[:, None, :, None]).mul_(col_inside[:, None, None, :])  # zeros shifted in
+
+    def normalize_and_erase(self, images: torch.Tensor, params: AugmentParams,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+        """The photometric half: to float, CLIP normalisation, random erasing. uint8 -> float32 (B, 3, H, W)."""
+        self._check(images)
+        if out is None and images.device.type == "cpu":
+            # NumPy asks for transparent huge pages on large arrays: far fewer page faults
+            # than a fresh torch allocation of the same size.
+            out = torch.from_numpy(np.empty(images.shape, dtype=np.float32))
+        out = normalize_uint8(images, self.augment.mean, self.augment.std, out=out)  # B, 3, H, W
+        return self._erase(out, params) if self.augment.erasing > 0 else out
 
     def _erase(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Fill each sample's erasing box with ``augment.mean`` (in place on the CPU)."""
@@ -486,10 +513,13 @@ class BatchAugment:
 
 
 class AugmentingCollate:
-    """``collate_fn`` that augments in the loader workers: stacks cached samples, then ``BatchAugment``.
+    """``collate_fn`` that applies ``BatchAugment``'s geometric half in the loader workers.
 
-    In a worker process the float batch is written straight into shared
-    memory, as the default collate does, so handing it over costs no copy.
+    Stacks the cached samples, flips and shifts them (uint8, written straight
+    into shared memory in a worker process, as the default collate does) and
+    keeps ``"aug_seeds"``; ``finish`` (run by ``TrainLoader.prepare_batch``)
+    applies the normalisation and erasing drawn from the same seeds. Passing
+    uint8 between processes moves a quarter of the bytes of float batches.
     """
 
     def __init__(self, augment: BatchAugment):
@@ -497,16 +527,22 @@ class AugmentingCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         first = samples[0]["images_uint8"]
-        images = self.augment.scratch("stacked", (len(samples), *first.shape), first.dtype, first.device)
+        shape = (len(samples), *first.shape)
+        images = self.augment.scratch("stacked", shape, first.dtype, first.device)
         torch.stack([sample.pop("images_uint8") for sample in samples], out=images)  # B, 3, H, W uint8
         seeds = torch.stack([sample.pop("aug_seeds") for sample in samples])           # B
         batch = torch.utils.data.default_collate(samples)
         out = None
         if torch.utils.data.get_worker_info() is not None:
-            storage = torch.empty(0)._typed_storage()._new_shared(images.numel())
-            out = torch.empty(0).new(storage).view(images.shape)
-        batch["images"] = self.augment(images, seeds, out=out)
+            storage = first._typed_storage()._new_shared(math.prod(shape), device=first.device)
+            out = first.new(storage).view(shape)
+        batch["images_uint8"] = self.augment.flip_and_shift(images, self.augment.draw(seeds), out=out)
+        batch["aug_seeds"] = seeds
         return batch
+
+    def finish(self, images: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Normalisation and erasing of a collated batch: uint8 -> float32 (B, 3, H, W)."""
+        return self.augment.normalize_and_erase(images, self.augment.draw(seeds))
 
 
 __all__ = ["ImageCache", "BatchAugment", "AugmentParams", "Uint8Normalize", "normalize_uint8", "decode_resized",

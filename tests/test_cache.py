@@ -328,12 +328,15 @@ def mean_over_std_max():
 
 
 def test_cached_loader_resumes_mid_epoch_with_the_same_augmentation(dataset, tmp_path):
-    loader = build_train_loader(dataset, cache_dir=tmp_path, num_workers=1, **loader_args())
     cpu = torch.device("cpu")
+    loader = build_train_loader(dataset, cache_dir=tmp_path, **loader_args())
     loader.batch_sampler.set_epoch(1)
     batches = [loader.prepare_batch(b, cpu)["images"] for b in loader]
-    loader.batch_sampler.set_epoch(1, start_batch=2)
-    resumed = [loader.prepare_batch(b, cpu)["images"] for b in loader]
+    # A worker process that flips and crops (batches through shared memory), resumed mid-epoch.
+    in_worker = build_train_loader(dataset, cache_dir=tmp_path, num_workers=1, augment_in_workers=True,
+                                   **loader_args())
+    in_worker.batch_sampler.set_epoch(1, start_batch=2)
+    resumed = [in_worker.prepare_batch(b, cpu)["images"] for b in in_worker]
     assert len(resumed) == len(batches) - 2
     assert all(torch.equal(a, b) for a, b in zip(resumed, batches[2:]))
     loader.batch_sampler.set_epoch(2)
