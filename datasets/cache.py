@@ -326,15 +326,15 @@ class AugmentParams:
     erase_width: torch.Tensor
 
 
-def normalize_uint8(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float] | torch.Tensor = CLIP_MEAN,
+                    std: Sequence[float] | torch.Tensor = CLIP_STD, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` (into ``out`` if given).
 
     The same operations as torchvision's ToTensor + Normalize, so the result
     is bit-identical to the reference path's.
     """
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
     out = images.to(torch.float32) if out is None else out.copy_(images)
     return out.div_(255).sub_(mean_t).div_(std_t)
 
@@ -386,9 +386,17 @@ class BatchAugment:
         self.augment = augment or ImageAugment()
         self.padding = self.augment.padding if self.augment.crop else 0
         self._workspace: dict[str, torch.Tensor] = {}
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_workspace": {}}
+        return self.__dict__ | {"_workspace": {}, "_constants": {}}
+
+    def mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, 1, 1) float32 mean and std on ``device``, copied there once (a copy per batch would sync)."""
+        if device not in self._constants:
+            self._constants[device] = tuple(torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1).to(device)
+                                            for v in (self.augment.mean, self.augment.std))
+        return self._constants[device]
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable buffer for intermediates that never leave this object (CPU only).
@@ -425,7 +433,7 @@ class BatchAugment:
         box_h = torch.round(torch.sqrt(area * ratio)).to(torch.int64)
         box_w = torch.round(torch.sqrt(area / ratio)).to(torch.int64)
         fits = (box_h < height) & (box_w < width)
-        first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # first fitting try (0 if none fits)
+        first = fits.to(torch.float32).argmax(dim=1, keepdim=True)  # first fitting try (0 if none fits)
         box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
         box_top = _randint(u[:, self._BOX_TOP:self._BOX_LEFT].gather(1, first)[:, 0], height - box_h + 1)
         box_left = _randint(u[:, self._BOX_LEFT:].gather(1, first)[:, 0], width - box_w + 1)
@@ -481,7 +489,8 @@ class BatchAugment:
             # NumPy asks for transparent huge pages on large arrays: far fewer page faults
             # than a fresh torch allocation of the same size.
             out = torch.from_numpy(np.empty(images.shape, dtype=np.float32))
-        out = normalize_uint8(images, self.augment.mean, self.augment.std, out=out)  # B, 3, H, W
+        mean, std = self.mean_std(images.device)
+        out = normalize_uint8(images, mean, std, out=out)  # B, 3, H, W
         return self._erase(out, params) if self.augment.erasing > 0 else out
 
     def _erase(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -502,7 +511,7 @@ class BatchAugment:
         return images
 
     def _erase_masked(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        fill = torch.tensor(self.augment.mean, dtype=images.dtype, device=images.device)[:, None, None]
+        fill = self.mean_std(images.device)[0].to(images.dtype)  # the reference fills with the mean
         height, width = self.image_size
         rows = torch.arange(height, device=images.device)[None, :]
         cols = torch.arange(width, device=images.device)[None, :]
