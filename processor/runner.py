@@ -13,6 +13,7 @@ from prettytable import PrettyTable
 
 from datasets import (ImageAugment, TextAugment, build_dataset, build_eval_loaders,
                       build_train_loader)
+from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
 from solver import build_optimizer, build_scheduler
 from utils import comm
@@ -58,8 +59,21 @@ def text_augment(cfg) -> TextAugment:
                        delete_prob=cfg.input.text_delete_prob)
 
 
+def prepare_image_cache(cfg, paths, skip_bad_images: bool = False) -> str | None:
+    """Folder of the decoded-image cache (built by rank 0; the others wait), or None."""
+    if not cfg.dataset.image_cache:
+        return None
+    cache_dir = cfg.dataset.cache_dir or str(default_cache_dir(cfg.dataset.root_dir))
+    if comm.is_main_process():
+        ImageCache.open(paths, tuple(cfg.input.size), cache_dir,
+                        num_workers=cfg.dataset.num_workers, skip_bad_images=skip_bad_images)
+    comm.barrier()
+    return cache_dir
+
+
 def eval_loaders(cfg, split, device: torch.device):
     return build_eval_loaders(split, image_size=tuple(cfg.input.size),
+                              cache_dir=prepare_image_cache(cfg, split.image_paths),
                               batch_size=cfg.eval.batch_size, text_length=cfg.dataset.text_length,
                               num_workers=cfg.dataset.num_workers,
                               pin_memory=cfg.dataset.pin_memory and device.type == "cuda")
@@ -79,7 +93,10 @@ def train_loader(cfg, dataset, device: torch.device):
         augment=image_augment(cfg), text_length=d.text_length, text_aug=text_augment(cfg),
         num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
         persistent_workers=d.persistent_workers, seed=cfg.seed, rank=comm.get_rank(),
-        world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images)
+        world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images,
+        cache_dir=prepare_image_cache(cfg, [item.path for item in dataset.train],
+                                      d.skip_bad_images),
+        augment_in_workers=device.type == "cpu")
 
 
 def _prepare_run_folder(cfg) -> Path:

@@ -145,8 +145,12 @@ class Trainer:
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
         """
         cfg = self.cfg.solver
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                 if k in MODEL_INPUTS}
+        prepare = getattr(self.train_loader, "prepare_batch", None)
+        if prepare is not None:  # e.g. batch-wise augmentation of cached uint8 images
+            batch = prepare(batch, self.device, keys=MODEL_INPUTS)
+        else:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                     if k in MODEL_INPUTS}
         no_sync = getattr(self.model, "no_sync", None)
         with contextlib.ExitStack() as stack:
             if not sync and no_sync is not None:

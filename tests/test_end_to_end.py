@@ -74,3 +74,12 @@ def test_checkpoint_from_another_config_is_reported(synth_root, tmp_path):
     run = tmp_path / "CUHK-PEDES" / "a"
     with pytest.raises(CheckpointError, match=r"moe\.num_experts: 4 != 2"):
         test_script.main(["--config_file", str(run / "configs.yaml"), "moe.num_experts=2"])
+
+
+def test_image_cache_path_trains_and_evaluates(synth_root, tmp_path):
+    cache = tmp_path / "cache"
+    result = train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                                "solver.num_epoch=1", "dataset.image_cache=true",
+                                f"dataset.cache_dir={cache}", "solver.accumulation_steps=2"])
+    _check_metrics(result["t2i"])
+    assert any(p.suffix == ".npy" for p in cache.rglob("*")), "no cache file was written"
