@@ -169,15 +169,17 @@ class ExpertPool(nn.Module):
             (N, D): ``sum_j weights[n, j] * expert[selected[n, j]](x[n])``,
             accumulated in fp32 and cast back to ``x.dtype``.
         """
+        # Dense dispatch: every expert sees every token and unselected experts get
+        # weight 0. Experts are small bottlenecks (2 D^2/r FLOPs a token each), so
+        # this costs little, and it has no data-dependent shapes: no host-device
+        # sync, torch.compile-friendly, and every expert stays in the autograd
+        # graph (DDP needs no find_unused_parameters).
+        combine = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32,
+                              device=x.device)  # N, E
+        combine.scatter_(1, selected, weights.float())
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # N, D
-        token_ids = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(selected)
-        # Every expert runs, even on zero tokens: it keeps all expert parameters
-        # in the autograd graph, so DDP does not need find_unused_parameters.
         for e, expert in enumerate(self.experts):
-            hit = selected == e  # N, k
-            rows = token_ids[hit]  # n_e
-            y = expert(x[rows])  # n_e, D
-            out.index_add_(0, rows, y.float() * weights[hit].unsqueeze(1).float())
+            out = out + combine[:, e:e + 1] * expert(x).float()
         return out.to(x.dtype)
 
 
@@ -316,22 +318,27 @@ class MoELayer(nn.Module):
         self.router = Router(dim, num_experts, topk, gate, aux_input, mix_init, num_modalities)
         self.expert_pool = ExpertPool(dim, num_experts, reduction, dropout)
 
-    def route_tokens(self, x: Tensor, modality: str | int) -> MoETokenOutput:
+    def route_tokens(self, x: Tensor, modality: str | int,
+                     valid: Tensor | None = None) -> MoETokenOutput:
         """Route a flat set of tokens x: (N, D) of one modality.
 
-        Returns the combined expert output (N, D), this call's `RoutingStats`
-        and the routing decision (selected experts and combine weights, (N, k)).
+        `valid` (N,) bool marks the tokens that count; the others (padding) get a
+        zero output and are left out of the statistics. Returns the combined
+        expert output (N, D), this call's `RoutingStats` and the routing decision
+        (selected experts and combine weights, (N, k)).
         """
         routing = self.router(x, modality)
+        mask = (torch.ones(x.shape[0], device=x.device) if valid is None
+                else valid.to(torch.float32))  # N
         out = self.expert_pool(x, routing.selected, routing.weights)  # N, D
+        out = out * mask.unsqueeze(1).to(out.dtype)
         with torch.no_grad():
-            counts = torch.bincount(
-                routing.selected.flatten(), minlength=self.router.num_experts
-            ).float()
+            picks = F.one_hot(routing.selected, self.router.num_experts).sum(dim=1)  # N, E
+            counts = (picks.float() * mask.unsqueeze(1)).sum(dim=0)  # E
         stats = RoutingStats(
-            prob_sum=routing.probs.sum(dim=0),
+            prob_sum=(routing.probs * mask.unsqueeze(1)).sum(dim=0),
             counts=counts,
-            num_tokens=torch.tensor(float(x.shape[0]), device=x.device),
+            num_tokens=mask.sum(),
         )
         return MoETokenOutput(out, stats, routing.selected, routing.weights)
 
@@ -345,9 +352,8 @@ class MoELayer(nn.Module):
 
         Returns:
             (B, L, D) MoE output, exactly zero at padded positions, and the
-            layer's `RoutingStats` over the valid tokens.
+            layer's `RoutingStats` over the valid tokens. Every position is routed
+            (fixed shapes, no host sync); padding is masked out afterwards.
         """
-        routed = self.route_tokens(x[valid], modality)  # N_valid, D
-        out = x.new_zeros(x.shape)  # B, L, D
-        out[valid] = routed.out
-        return out, routed.stats
+        routed = self.route_tokens(x.flatten(0, 1), modality, valid.flatten())  # B*L, D
+        return routed.out.view(x.shape), routed.stats

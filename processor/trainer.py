@@ -138,13 +138,12 @@ class Trainer:
         return [bool(v) for v in t.tolist()]
 
     # -- one step -----------------------------------------------------------
-    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor] | None:
-        """Losses of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
+    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
+        """Loss terms of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
 
-        Returns None when the loss was not finite (the accumulated group is dropped).
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
+        Nothing here waits for the device: finiteness is checked once per step.
         """
-        cfg = self.cfg.solver
         prepare = getattr(self.train_loader, "prepare_batch", None)
         if prepare is not None:  # e.g. batch-wise augmentation of cached uint8 images
             batch = prepare(batch, self.device, keys=MODEL_INPUTS)
@@ -152,16 +151,10 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                      if k in MODEL_INPUTS}
         no_sync = getattr(self.model, "no_sync", None)
-        with contextlib.ExitStack() as stack:
-            if not sync and no_sync is not None:
-                stack.enter_context(no_sync())
-            with autocast(self.device, cfg.precision):
+        with no_sync() if not sync and no_sync is not None else contextlib.nullcontext():
+            with autocast(self.device, self.cfg.solver.precision):
                 losses = self.model(batch)
             total = sum(losses.values())
-            # One host sync per step; ranks agree so that none waits alone in backward.
-            (nonfinite,) = self._any_rank(not bool(torch.isfinite(total)))
-            if nonfinite:
-                return self._nonfinite(losses)
             scaled = total / self.accumulation_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
@@ -173,15 +166,16 @@ class Trainer:
         (then no update is made).
         """
         count = self.accumulation_steps
-        micro_batches = [{k: v.chunk(count)[i] for k, v in batch.items()} for i in range(count)]
         totals: dict[str, torch.Tensor] = {}
-        for i, micro in enumerate(micro_batches):
+        for i in range(count):
+            micro = {k: v.chunk(count)[i] for k, v in batch.items()}
             losses = self._forward_backward(micro, sync=i == count - 1)
-            if losses is None:
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
             for key, value in losses.items():
                 totals[key] = totals[key] + value / count if key in totals else value / count
+        # The step's one host sync, after backward has been queued; all ranks agree.
+        (nonfinite,) = self._any_rank(not bool(torch.isfinite(totals["loss"])))
+        if nonfinite:
+            return self._nonfinite(totals)
         self._optimizer_step()
         return totals
 
