@@ -201,3 +201,37 @@ def test_accumulation_must_divide_the_batch(synth_root, tmp_path):
     with pytest.raises(ConfigError, match="accumulation_steps=3"):
         train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
                            "solver.accumulation_steps=3"])
+
+
+def test_truncated_jpeg_is_reported_with_its_path(tmp_path):
+    from PIL import Image
+
+    from datasets import read_image
+    path = tmp_path / "crop.jpg"
+    Image.new("RGB", (64, 160), (200, 30, 30)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImageError, match="crop.jpg"):
+        read_image(str(path))
+
+
+def test_empty_and_overlong_captions_train(tmp_path, caplog):
+    """An empty caption is warned about and trains as SOT+EOT; a caption longer than
+    the context is truncated with end-of-text kept last."""
+    from datasets.synth import generate
+    from utils.tokenizer import EOT_TOKEN_ID, tokenize
+    root = tmp_path / "data"
+    generate(str(root), "cuhk", num_ids=16, seed=0)
+    annotation = root / "CUHK-PEDES" / "reid_raw.json"
+    entries = json.loads(annotation.read_text())
+    train = [e for e in entries if e["split"] == "train"]
+    train[0]["captions"][0] = ""
+    train[1]["captions"][0] = "a man in a red coat " * 40
+    annotation.write_text(json.dumps(entries))
+    ids = tokenize(train[1]["captions"][0], context_length=24)
+    assert ids[0, -1] == EOT_TOKEN_ID
+    with caplog.at_level("WARNING"):
+        result = train_script.main(["--config_file", CONFIG, *tiny_overrides(root, tmp_path),
+                                    "solver.num_epoch=1"])
+    assert "empty caption" in caplog.text
+    assert 0 <= result["t2i"]["R1"] <= 100
