@@ -176,6 +176,9 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
     backbone = build_clip(cfg.model.pretrain, image_size=tuple(cfg.input.size),
                           stride=cfg.model.stride, cache_dir=cfg.model.cache_dir or None,
                           **dict(cfg.model.arch))
+    if cfg.model.grad_checkpointing:
+        for transformer in (backbone.visual.transformer, backbone.transformer):
+            transformer.grad_checkpointing = True
     head = None
     if cfg.model.head == "comoe":
         m = cfg.moe

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -128,11 +129,17 @@ class Transformer(nn.Module):
         self.width = width
         self.layers = layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        # Recompute each block's activations in backward instead of storing them.
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """x: B, L, D -> B, L, D. See SelfAttention for the mask convention."""
         for block in self.resblocks:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=attn_mask,
+                                                      is_causal=is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
 
     def init_weights(self) -> None:

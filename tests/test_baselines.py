@@ -74,3 +74,18 @@ def test_baseline_configs_train_end_to_end(synth_root, tmp_path, config, extra, 
         assert f"{term}=" in log
     saved = json.loads((tmp_path / "CUHK-PEDES" / "b" / "test_metrics.json").read_text())
     assert saved["t2i"] == result["t2i"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = {}
+    for flag in ("false", "true"):
+        cfg = _tiny_cfg(f"model.grad_checkpointing={flag}", "moe.expert_dropout=0")
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        sum(model(_batch(cfg)).values()).backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None}
+    assert model.backbone.transformer.grad_checkpointing
+    assert grads["true"].keys() == grads["false"].keys()
+    for name, grad in grads["false"].items():
+        torch.testing.assert_close(grads["true"][name], grad, rtol=1e-5, atol=1e-6)
