@@ -141,6 +141,8 @@ def run_training(cfg) -> dict:
     logger.info("run folder: %s", run_dir)
     logger.info("device: %s, processes: %d", device, comm.get_world_size())
     set_seed(cfg.seed, cfg.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.solver.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
 
     dataset = load_dataset(cfg)
     loader = train_loader(cfg, dataset, device)
