@@ -42,8 +42,10 @@ def load_dataset(cfg):
     if cfg.dataset.generate:
         from datasets.synth import ensure_synthetic
         if comm.is_main_process():
-            ensure_synthetic(root, cfg.dataset.name, num_ids=cfg.dataset.generate_num_ids,
-                             seed=cfg.seed)
+            folder = ensure_synthetic(root, cfg.dataset.name,
+                                      num_ids=cfg.dataset.generate_num_ids, seed=cfg.seed)
+            logger.info("dataset.generate=true: synthetic %s-format data in %s",
+                        cfg.dataset.name, folder)
         comm.barrier()
     return build_dataset(cfg.dataset.name, root, val_ids=cfg.dataset.val_ids, seed=cfg.seed)
 
