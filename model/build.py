@@ -33,7 +33,7 @@ class LossConfig:
     cmt_depth: int = 4
 
 
-def parse_loss_names(names: str, has_head: bool, num_classes: int | None) -> tuple[str, ...]:
+def parse_loss_names(names: str, has_head: bool) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in names.split("+") if p.strip())
     if not parts:
         raise ValueError("loss.names is empty; use e.g. sdm+itc+coar")
@@ -187,7 +187,7 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
                          mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                          expert_dropout=m.expert_dropout, gate=m.gate, aux_input=m.aux_input,
                          mix_init=m.mix_init)
-    names = parse_loss_names(cfg.loss.names, head is not None, num_classes)
+    names = parse_loss_names(cfg.loss.names, head is not None)
     weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
     losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
                         temperature=cfg.model.temperature,

@@ -167,8 +167,9 @@ class Trainer:
         """
         count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
+        chunks = {k: v.chunk(count) for k, v in batch.items()}
         for i in range(count):
-            micro = {k: v.chunk(count)[i] for k, v in batch.items()}
+            micro = {k: parts[i] for k, parts in chunks.items()}
             losses = self._forward_backward(micro, sync=i == count - 1)
             for key, value in losses.items():
                 totals[key] = totals[key] + value / count if key in totals else value / count

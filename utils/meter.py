@@ -34,9 +34,5 @@ class MeterDict:
     def averages(self) -> dict[str, float]:
         return {key: meter.avg for key, meter in self.meters.items()}
 
-    def reset(self) -> None:
-        for meter in self.meters.values():
-            meter.reset()
-
     def __str__(self) -> str:
         return " ".join(f"{k}={m.avg:.4f}" for k, m in self.meters.items())
