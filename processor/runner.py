@@ -128,6 +128,12 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
+def configure_backends(cfg) -> None:
+    """Process-wide math settings of a training run."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.solver.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
+
+
 def run_training(cfg) -> dict:
     """Train, keep best.pth (val R1) and last.pth, then test best.pth."""
     device = resolve_device(cfg.device)
@@ -143,8 +149,7 @@ def run_training(cfg) -> dict:
     logger.info("run folder: %s", run_dir)
     logger.info("device: %s, processes: %d", device, comm.get_world_size())
     set_seed(cfg.seed, cfg.deterministic)
-    torch.backends.cuda.matmul.allow_tf32 = cfg.solver.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
+    configure_backends(cfg)
 
     dataset = load_dataset(cfg)
     loader = train_loader(cfg, dataset, device)
@@ -169,9 +174,11 @@ def run_training(cfg) -> dict:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     s = cfg.solver
+    if s.compile:  # in place, so state_dict keys and `ddp_model.module` stay as they are
+        ddp_model.compile()
     optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
                                 lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
-                                betas=s.betas, eps=s.eps)
+                                betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
     scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
                                 warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
                                 min_lr_factor=s.min_lr_factor)

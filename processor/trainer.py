@@ -67,6 +67,12 @@ class Trainer:
         self.nonfinite_steps = 0
         self.accumulation_steps = cfg.solver.accumulation_steps
         self._stop_signal: int | None = None
+        # Fused optimizers can skip a step on the device; see `_step`.
+        self.skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        self._bad_count: torch.Tensor | None = None  # device counters of skipped steps
+        self._bad_step = self._bad_terms = None
+        self._bad_keys: list[str] = []
+        self._bad_reported = 0
 
     # -- checkpoints --------------------------------------------------------
     def state(self) -> dict:
@@ -80,11 +86,14 @@ class Trainer:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
-            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_steps": self.nonfinite_steps + self._unreported_nonfinite(),
             "num_classes": self.num_classes,
             "rng": capture_rng_state(),
             "config": to_plain(self.cfg),
         }
+
+    def _unreported_nonfinite(self) -> int:
+        return 0 if self._bad_count is None else int(self._bad_count) - self._bad_reported
 
     def save(self, name: str) -> Path | None:
         if not comm.is_main_process():
@@ -159,11 +168,15 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
 
-    def _step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+    def _step(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
 
-        Returns the micro-batch-averaged loss terms, or None if a loss was not finite
-        (then no update is made).
+        Returns the micro-batch-averaged loss terms and a device flag, True when they
+        are finite. A non-finite step makes no update. With a fused optimizer the skip
+        happens on the device (the optimizer reads a `found_inf` flag, as under AMP
+        loss scaling), so the step never waits for the device; the host learns of
+        skipped steps at the next log line (`_check_nonfinite`). Otherwise the flag is
+        read here, which costs nothing on the CPU.
         """
         count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
@@ -173,41 +186,102 @@ class Trainer:
             losses = self._forward_backward(micro, sync=i == count - 1)
             for key, value in losses.items():
                 totals[key] = totals[key] + value / count if key in totals else value / count
-        # The step's one host sync, after backward has been queued; all ranks agree.
-        (nonfinite,) = self._any_rank(not bool(torch.isfinite(totals["loss"])))
-        if nonfinite:
-            return self._nonfinite(totals)
-        self._optimizer_step()
-        return totals
+        finite = torch.isfinite(totals["loss"])
+        if comm.get_world_size() > 1:  # every rank skips the same steps (queued, no wait)
+            finite = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite.bool()
+        if self.skip_on_device:
+            finite = self._optimizer_step(finite)
+            self._record_nonfinite(finite, totals)
+        elif bool(finite):
+            self._optimizer_step(None)
+        else:
+            self._nonfinite_now(totals)
+        return totals, finite
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, finite: torch.Tensor | None) -> torch.Tensor | None:
+        """Clip, step and schedule. `finite` (a device flag) skips the update when False.
+
+        Returns the flag, also False when clipping found a non-finite gradient norm.
+        """
         cfg = self.cfg.solver
         if self.scaler is not None:
+            if finite is not None:  # the scaler skips (and backs off) on a non-finite grad
+                _poison_gradients(self.optimizer, finite)
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
+            if finite is not None and self.scaler is None:
+                finite = finite & torch.isfinite(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif finite is not None:
+            # Fused AdamW/Adam leave parameters, moments and step counts untouched where
+            # found_inf is non-zero (the protocol GradScaler uses).
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return finite
 
-    def _nonfinite(self, losses: dict[str, torch.Tensor]):
+    # -- non-finite steps -----------------------------------------------------
+    def _record_nonfinite(self, finite: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        """Count a (possibly) skipped step on the device, with its step and loss terms."""
+        bad = ~finite
+        terms = torch.stack([v.float() for v in losses.values()])
+        if self._bad_count is None:
+            self._bad_count = torch.zeros((), dtype=torch.long, device=bad.device)
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
+            self._bad_terms = torch.zeros_like(terms)
+            self._bad_keys = list(losses)
+        first = bad & (self._bad_step < 0)  # the first since the last report
+        self._bad_count += bad
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_terms = torch.where(first, terms, self._bad_terms)
+
+    def _check_nonfinite(self) -> None:
+        """Read the device counters (a host sync: call it at log points only)."""
+        if self._bad_count is None:
+            return
+        seen = int(self._bad_count)
+        new = seen - self._bad_reported
+        if new <= 0:
+            return
+        self._bad_reported = seen
+        self.nonfinite_steps += new
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self._bad_keys, self._bad_terms.tolist()))
+        step = int(self._bad_step)
+        self._bad_step.fill_(-1)
+        self._nonfinite_reached(step, terms, new)
+
+    def _nonfinite_now(self, losses: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         self.nonfinite_steps += 1
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        self._nonfinite_reached(self.global_step, terms, 1)
+
+    def _nonfinite_reached(self, step: int, terms: str, new: int) -> None:
         limit = self.cfg.solver.max_nonfinite_steps
         if self.nonfinite_steps <= limit:
-            logger.warning("non-finite loss at step %d (%s); skipped (%d of %d allowed)",
-                           self.global_step, terms, self.nonfinite_steps, limit)
-            return None
+            what = "non-finite loss" if new == 1 else f"{new} non-finite losses, the first"
+            logger.warning("%s at step %d (%s); skipped (%d of %d allowed)", what, step, terms,
+                           self.nonfinite_steps, limit)
+            return
         path = self.save("last.pth")
+        more = f" ({new} non-finite steps from there to step {self.global_step - 1})" if new > 1 else ""
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {self.epoch + 1}, step {self.global_step}: {terms}. "
-            f"The last good state is in {path}. Lower solver.lr, use solver.precision=fp32 or "
-            f"bf16, set solver.grad_clip, or allow skips with solver.max_nonfinite_steps=N.")
+            f"non-finite loss at epoch {self.epoch + 1}, step {step}: {terms}{more}. "
+            f"The last good state is in {path} (steps with a non-finite loss make no update). "
+            f"Lower solver.lr, use solver.precision=fp32 or bf16, set solver.grad_clip, or "
+            f"allow skips with solver.max_nonfinite_steps=N.")
 
     # -- loop ---------------------------------------------------------------
     def train(self) -> None:
@@ -263,18 +337,22 @@ class Trainer:
                 self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
-            losses = self._step(batch)
+            losses, finite = self._step(batch)
             self.batch_in_epoch += 1
-            if losses is not None:
-                self.global_step += 1
-                for key, value in losses.items():
-                    running[key] = running[key] + value if key in running else value
-                running_steps += 1
-                if self.global_step % cfg.solver.log_period == 0 or self.batch_in_epoch == steps:
-                    values = {k: (v / running_steps).item() for k, v in running.items()}
-                    meters.update(values, running_steps)
+            self.global_step += 1  # skipped steps count too (their schedule step was taken)
+            # Sums of finite steps only, kept on the device until the log line.
+            for key, value in losses.items():
+                value = torch.where(finite, value, 0.0)
+                running[key] = running[key] + value if key in running else value
+            running_steps = running_steps + finite.long()
+            if self.global_step % cfg.solver.log_period == 0 or self.batch_in_epoch == steps:
+                self._check_nonfinite()
+                count = int(running_steps)
+                if count:
+                    values = {k: v.item() / count for k, v in running.items()}
+                    meters.update(values, count)
                     self._log_step(values, steps)
-                    running, running_steps = {}, 0
+                running, running_steps = {}, 0
             if progress is not None:
                 progress.update(1)
             every = cfg.checkpoint.every_n_steps
@@ -346,6 +424,19 @@ def log_expert_usage(tb, experts: dict | None, step: int, prefix: str) -> None:
             for expert, share in enumerate(usage):
                 tb.add_scalar(f"{prefix}/experts/{modality}_layer{layer}_expert{expert}", share,
                               step)
+
+
+def _poison_gradients(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Make one gradient entry inf where `finite` is False, so a GradScaler skips the step.
+
+    Adds 0 otherwise; queued on the device like the rest of the step.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                flat = param.grad.view(-1)[:1]
+                flat.add_(torch.where(finite, 0.0, float("inf")).to(flat.dtype))
+                return
 
 
 def write_json(path: Path, data: dict) -> None:

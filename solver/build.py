@@ -40,16 +40,29 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_factor: fl
 
 def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: float,
                     lr_factor: float, bias_lr_factor: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
+                    eps: float = 1e-8, kernel: str = "auto") -> torch.optim.Optimizer:
+    """AdamW/Adam over `param_groups`; `kernel` auto picks the fused kernel on CUDA.
+
+    A fused optimizer is one kernel launch per step and can skip a step on the device
+    (see processor.trainer); foreach leaves the choice to torch (its multi-tensor kernels
+    on CUDA, per-tensor loops on the CPU).
+    """
     groups = param_groups(model, lr, weight_decay, lr_factor, bias_lr_factor)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps)
     on_cuda = next(model.parameters()).is_cuda
-    if on_cuda:
+    fused = kernel == "fused" or (kernel == "auto" and on_cuda)
+    if fused:
         kwargs["fused"] = True
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[name]
-    return cls(groups, **kwargs)
+    try:
+        return cls(groups, **kwargs)
+    except RuntimeError as err:
+        if not fused:
+            raise
+        raise ValueError(f"solver.optimizer_kernel=fused is not available here ({err}); "
+                         f"use solver.optimizer_kernel=foreach or auto") from err
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, num_epoch: int,

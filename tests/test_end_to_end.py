@@ -10,7 +10,7 @@ import test as test_script
 import train as train_script
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -83,3 +83,17 @@ def test_image_cache_path_trains_and_evaluates(synth_root, tmp_path):
                                 f"dataset.cache_dir={cache}", "solver.accumulation_steps=2"])
     _check_metrics(result["t2i"])
     assert any(p.suffix == ".npy" for p in cache.rglob("*")), "no cache file was written"
+
+
+def test_solver_compile_compiles_the_training_model_in_place(synth_root, tmp_path, monkeypatch):
+    """solver.compile=true calls nn.Module.compile on the training model (in place, so the
+    checkpoint keys are unchanged). Compiling itself is left out here: it takes minutes on
+    a CPU; benchmarks/bench_train_step.py --compile on runs it."""
+    from model.build import RetrievalModel
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self)))
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.num_epoch=1", "solver.compile=true"])
+    assert compiled == [RetrievalModel]
+    ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])

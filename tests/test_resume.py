@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,34 +147,55 @@ def _nan_after(model_cls, calls: int):
     return forward
 
 
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
 def test_non_finite_loss_stops_with_step_terms_and_last_good_state(synth_root, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, kernel):
+    """foreach checks each step on the host; fused skips on the device and reports at the
+    next log point (log_period=2 here), so its checkpoint is from a later step."""
     from model.build import RetrievalModel
     monkeypatch.setattr(RetrievalModel, "forward", _nan_after(RetrievalModel, 3))
     with pytest.raises(NonFiniteLossError, match=r"step 2: sdm=nan, itc="):
-        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path)])
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                           f"solver.optimizer_kernel={kernel}", "solver.log_period=2"])
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
-    assert ckpt["global_step"] == 2
+    assert ckpt["global_step"] == (2 if kernel == "foreach" else 4)
+    assert ckpt["nonfinite_steps"] == (1 if kernel == "foreach" else 2)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel,precision", [("foreach", "fp32"), ("fused", "fp32"),
+                                              ("fused", "fp16")])
+def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monkeypatch, kernel,
+                                                      precision):
+    """Steps 2 and 4 have an infinite loss: both are skipped (no update, counted), the run
+    finishes, and the logged averages leave them out. (fp16: the grad scaler skips them.)"""
     from model.build import RetrievalModel
     original = RetrievalModel.forward
     calls = {"n": 0}
+    params_seen = []
 
     def forward(self, batch):
         calls["n"] += 1
+        params_seen.append(self.backbone.visual.proj.detach().clone())
         losses = original(self, batch)
         if calls["n"] in (2, 4):
             losses["itc"] = losses["itc"] * float("inf")
         return losses
     monkeypatch.setattr(RetrievalModel, "forward", forward)
     train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
-                       "solver.max_nonfinite_steps=2", "solver.num_epoch=1"])
+                       "solver.max_nonfinite_steps=2", "solver.num_epoch=1",
+                       f"solver.optimizer_kernel={kernel}", "solver.log_period=3",
+                       f"solver.precision={precision}"])
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert ckpt["nonfinite_steps"] == 2
-    assert ckpt["global_step"] == ckpt["batch_in_epoch"] or ckpt["global_step"] == 9 - 2
+    assert ckpt["global_step"] == 9  # every batch counts, skipped ones included
+    # Forward i sees the weights after step i-1: steps 2 and 4 made no update.
+    assert torch.equal(params_seen[1], params_seen[2]) and torch.equal(params_seen[3], params_seen[4])
+    assert not torch.equal(params_seen[4], params_seen[-1])  # the others did update
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert "skipped (2 of 2 allowed)" in log
+    averages = re.search(r"epoch 1/1 done in [0-9.]+s: (.*)", log).group(1)
+    assert re.fullmatch(r"(\w+=[0-9.]+ ?)+", averages), averages  # no nan or inf
 
 
 def test_gradient_accumulation_matches_the_full_batch_for_per_sample_losses(synth_root, tmp_path):
@@ -235,3 +257,37 @@ def test_empty_and_overlong_captions_train(tmp_path, caplog):
                                     "solver.num_epoch=1"])
     assert "empty caption" in caplog.text
     assert 0 <= result["t2i"]["R1"] <= 100
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fused_step_reads_nothing_back_from_the_device(synth_root, tmp_path, monkeypatch,
+                                                       precision):
+    """With a fused optimizer a training step never asks for a tensor's value on the host
+    (an .item(), bool() or .tolist() would wait for a GPU). C++-side syncs are checked by
+    the CUDA tests (tests/test_cuda.py)."""
+    from processor.trainer import Trainer
+    reads, active = [], [False]
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        def wrapper(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if active[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    original_step = Trainer._step
+
+    def watched(self, batch):
+        active[0] = True
+        try:
+            return original_step(self, batch)
+        finally:
+            active[0] = False
+    monkeypatch.setattr(Trainer, "_step", watched)
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.optimizer_kernel=fused", f"solver.precision={precision}",
+                       "solver.grad_clip=1.0", "solver.num_epoch=1", "eval.period=5"])
+    assert reads == []
+    # The same watch sees the host path's read, so it is not blind.
+    reads.clear()
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "host"),
+                       "solver.optimizer_kernel=foreach", "solver.num_epoch=1", "eval.period=5"])
+    assert "__bool__" in reads

@@ -84,6 +84,7 @@ CHOICES = {
     "moe.gate": ("modality+aux", "modality", "shared"),
     "moe.aux_input": ("token", "prompt"),
     "solver.optimizer": ("adamw", "adam"),
+    "solver.optimizer_kernel": ("auto", "fused", "foreach"),
     "solver.precision": ("fp32", "bf16", "fp16"),
 }
 
