@@ -392,9 +392,10 @@ class BatchAugment:
         return self.__dict__ | {"_workspace": {}, "_constants": {}}
 
     def mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3, 1, 1) float32 mean and std on ``device``, copied there once (a copy per batch would sync)."""
+        """(3, 1, 1) float32 mean and std on ``device``, made once by fill kernels (a host-to-device
+        copy from pageable memory would make the host wait)."""
         if device not in self._constants:
-            self._constants[device] = tuple(torch.tensor(v, dtype=torch.float32).reshape(-1, 1, 1).to(device)
+            self._constants[device] = tuple(torch.stack([torch.full((1, 1), float(x), device=device) for x in v])
                                             for v in (self.augment.mean, self.augment.std))
         return self._constants[device]
 
