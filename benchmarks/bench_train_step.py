@@ -1,11 +1,14 @@
 """Samples/s and peak memory of one full CoMoE training step, per precision.
 
-A step is what the trainer does per batch: forward through CLIP and the
-CoMoE head, the configured losses (default ``sdm+itc+coar``), backward and
-``optimizer.step()`` (AdamW with the project's parameter groups), written
-without host-device syncs (the loss stays on the device). Batches are
-synthetic and already on the device: 384x128 images, captions of 15-60
-tokens in 77 positions, 4 images per identity (so SDM has positives).
+A step is ``processor.trainer.Trainer._step``, the trainer's own code: forward
+through CLIP and the CoMoE head, the configured losses (default
+``sdm+itc+coar``), backward, the finiteness check and ``optimizer.step()``
+(AdamW with the project's parameter groups; fused on CUDA, so a non-finite step
+is skipped on the device and the step never waits for it). ``--compile on``
+sets ``solver.compile=true`` (``model.compile()``), ``--checkpointing``
+``model.grad_checkpointing=true``. Batches are synthetic and already on the
+device: 384x128 images, captions of 15-60 tokens in 77 positions, 4 images
+per identity (so SDM has positives).
 
 Each configuration runs in its own child process, so peak memory is its
 own: on the CPU the peak resident set size over all steps (sampled every
@@ -39,15 +42,18 @@ last line is the ratio of bf16 to fp32 samples/s (eager).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -89,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tf32", action="store_true", help="TF32 tensor cores for fp32 matmuls on CUDA")
     parser.add_argument("--check-syncs", action="store_true",
                         help="CUDA: count host-device syncs in one step (torch.cuda sync debug mode)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile 3 steps with torch.profiler: per-op table and trace in DIR")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s for the MFU column (overrides the GPU table)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -98,12 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- building --------------------------------------------------------------------------------------
 
-def build_config(args: argparse.Namespace, precision: str):
+def build_config(args: argparse.Namespace, precision: str, compiled: bool):
     from utils.config import load_config
     height, width = args.image_size
+    kernel = {"auto": "auto", "on": "fused", "off": "foreach"}[args.fused]
     overrides = ["model.pretrain=none", "model.stride=16", f"input.size=[{height},{width}]",
                  f"solver.batch_size={args.batch_size}", f"solver.precision={precision}",
-                 f"loss.names={args.losses}", "dataset.text_length=77"]
+                 f"loss.names={args.losses}", "dataset.text_length=77", f"device={args.device}",
+                 f"solver.optimizer_kernel={kernel}", f"solver.compile={str(compiled).lower()}",
+                 f"solver.tf32={str(args.tf32).lower()}",
+                 f"model.grad_checkpointing={str(args.checkpointing).lower()}"]
     if not args.full:
         overrides += [f"model.arch={TINY_ARCH}", *TINY_HEAD]
     return load_config(None, overrides)
@@ -129,79 +141,74 @@ def synthetic_batch(batch_size: int, image_size, vocab_size: int, device: torch.
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def enable_checkpointing(model: torch.nn.Module) -> int:
-    """Recompute every backbone transformer block in backward instead of storing its activations."""
-    from functools import partial
+class BatchStub:
+    """Stands in for the train loader: the Trainer asks it to prepare each batch."""
 
-    from torch.utils.checkpoint import checkpoint
+    def __init__(self, augment, channels_last: bool):
+        self.augment = augment
+        self.channels_last = channels_last
 
-    from model.clip_model import ResidualAttentionBlock
-    blocks = [m for m in model.modules() if isinstance(m, ResidualAttentionBlock)]
-    for block in blocks:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    return len(blocks)
-
-
-def make_optimizer(model, cfg, device: torch.device, fused: str):
-    from solver import param_groups
-    s = cfg.solver
-    groups = param_groups(model, s.lr, s.weight_decay, s.lr_factor, s.bias_lr_factor)
-    use_fused = device.type == "cuda" if fused == "auto" else fused == "on"
-    return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, fused=use_fused), use_fused
+    def prepare_batch(self, batch: dict, device: torch.device, keys=None) -> dict:
+        batch = dict(batch)
+        if self.augment is not None:
+            batch["images"] = self.augment(batch.pop("images_uint8"), batch.pop("aug_seeds"))
+        if self.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        return batch
 
 
 # -- one configuration (child process) ------------------------------------------------------------
 
 def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict:
+    """Times ``processor.trainer.Trainer._step``, the trainer's own step, on one batch."""
+    import tempfile
+
     from datasets.cache import BatchAugment
     from datasets.transforms import ImageAugment
     from model import build_model
+    from processor.runner import configure_backends
+    from processor.trainer import Trainer
+    from solver import build_optimizer, build_scheduler
     from utils.misc import autocast
 
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
-    cfg = build_config(args, precision)
+    cfg = build_config(args, precision, compiled)
+    configure_backends(cfg)
     model = build_model(cfg).to(device).train()
-    if args.checkpointing:
-        enable_checkpointing(model)
     image_size = tuple(args.image_size)
     batch = synthetic_batch(args.batch_size, image_size, model.backbone.vocab_size, device, args.batch_augment)
     if args.channels_last:
         model.backbone.visual.conv1.to(memory_format=torch.channels_last)
     augment = BatchAugment(image_size, ImageAugment()) if args.batch_augment else None
-    optimizer, fused = make_optimizer(model, cfg, device, args.fused)
+    stub = BatchStub(augment, args.channels_last)
+    s = cfg.solver
+    optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                                lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
+                                betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=1000, num_epoch=1, warmup_epochs=0,
+                                warmup_factor=1.0, min_lr_factor=1.0)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def prepare(batch: dict) -> dict:
-        if augment is not None:
-            batch = dict(batch)
-            batch["images"] = augment(batch.pop("images_uint8"), batch.pop("aug_seeds"))
-        if args.channels_last:
-            batch = batch | {"images": batch["images"].contiguous(memory_format=torch.channels_last)}
-        return batch
-
-    def forward_loss(batch: dict) -> torch.Tensor:
+    # Model FLOPs of the step's math, counted once on the eager model before anything is timed.
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
         with autocast(device, precision):
-            losses = model(batch)
-        return sum(losses.values())
+            losses = model(stub.prepare_batch(batch, device))
+        sum(losses.values()).backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
 
-    loss_fn = torch.compile(forward_loss) if compiled else forward_loss
+    if compiled:
+        model.compile()  # what solver.compile=true does
+    trainer = Trainer(cfg, model, stub, None, optimizer, scheduler, scaler, device,
+                      Path(tempfile.mkdtemp(prefix="bench_train_step_")))
 
     def step() -> torch.Tensor:
-        total = loss_fn(prepare(batch))
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            total.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return total.detach()
+        return trainer._step(batch)[0]["loss"]
 
     def sync():
         if device.type == "cuda":
@@ -239,18 +246,44 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
             torch.cuda.set_sync_debug_mode("warn")
             step()
             torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-
-    # Model FLOPs of the step's math, counted on the eager model after the timing.
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        forward_loss(prepare(batch)).backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+        syncs = sum(str(w.message).startswith("called a synchronizing") for w in caught)
+    if args.profile:
+        profile_steps(args, precision, compiled, step, sync)
     return {"precision": precision, "compiled": compiled, "samples_per_s": args.batch_size * steps / elapsed,
             "ms_per_step": elapsed / steps * 1000, "flops_per_step": flops, "warmup_s": warmup_s,
-            "loss": float(loss), "fused_optimizer": fused, "syncs_per_step": syncs, **memory}
+            "loss": float(loss), "fused_optimizer": trainer.skip_on_device, "syncs_per_step": syncs,
+            "nonfinite_steps": trainer.nonfinite_steps + trainer._unreported_nonfinite(), **memory}
+
+
+def profile_steps(args: argparse.Namespace, precision: str, compiled: bool, step, sync) -> None:
+    """Three steps under torch.profiler: a per-op table (device time first) and a trace."""
+    from torch.profiler import ProfilerActivity, profile
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{precision}{'_compiled' if compiled else ''}_b{args.batch_size}"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    wall = (time.perf_counter() - start) / 3
+    sort = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 3
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 3
+    table = events.table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    summary = (f"{name}: wall {wall * 1000:.1f} ms/step under the profiler; device kernels "
+               f"{device_us / 1000:.1f} ms/step (busy {device_us / 1000 / (wall * 1000) * 100:.0f}%), "
+               f"{kernels:.0f} kernels/step")
+    (out / f"profile_{name}.txt").write_text(summary + "\n" + table)
+    trace = out / f"trace_{name}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    print(summary, file=sys.stderr)
 
 
 def _current_rss_bytes() -> int:
