@@ -150,6 +150,26 @@ def test_routing_stats_add():
         a + RoutingStats(torch.zeros(3), torch.zeros(3), torch.tensor(1.0))
 
 
+def test_expert_pool_matches_a_loop_over_experts_with_gradients():
+    """The stacked (one-bottleneck) dispatch computes the per-expert sum, and so do its
+    gradients with respect to every expert's own parameters."""
+    torch.manual_seed(0)
+    pool = ExpertPool(12, num_experts=3, reduction=3, dropout=0.0)
+    _perturb_experts(pool)
+    x = torch.randn(20, 12, requires_grad=True)
+    selected = torch.stack([torch.randperm(3)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2).softmax(-1)
+    out = pool(x, selected, weights)
+    ref = torch.stack([sum(weights[n, j] * pool.experts[int(e)](x[n:n + 1])[0]
+                           for j, e in enumerate(selected[n])) for n in range(20)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), [x, *pool.parameters()])
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, *pool.parameters()])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_expert_pool_runs_unselected_experts():
     pool = ExpertPool(8, num_experts=3, reduction=2, dropout=0.0)
     x = torch.randn(5, 8)
