@@ -135,17 +135,6 @@ class Trainer:
                 pass
         return previous
 
-    def _any_rank(self, *flags: bool) -> list[bool]:
-        """Each flag OR-ed over all ranks, so every rank takes the same branch.
-
-        One small all-reduce per call under torchrun; nothing in one process.
-        """
-        if comm.get_world_size() == 1:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
     # -- one step -----------------------------------------------------------
     def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         """Loss terms of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
@@ -322,7 +311,7 @@ class Trainer:
                 break  # every rank has the same number of batches
             except BadImageError as err:
                 bad_image = err
-            stop, any_bad = self._any_rank(self._stop_signal is not None, bad_image is not None)
+            stop, any_bad = comm.any_rank(self._stop_signal is not None, bad_image is not None)
             if any_bad:
                 self.save("last.pth")
                 reason = (str(bad_image) if bad_image is not None

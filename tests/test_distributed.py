@@ -103,6 +103,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         # Rows of different counts (rank 0 has none, and a shape-less empty tensor).
         rows = torch.zeros(0) if rank == 0 else torch.full((3, 2), float(rank))
         out["rows"] = comm.all_gather_rows(rows)
+        out["any_rank"] = torch.tensor(comm.any_rank(rank == 1, False, rank == 0))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -133,6 +134,8 @@ def test_two_ranks_match_one_process(tmp_path):
                    nprocs=WORLD_SIZE, join=True)
     assert ctx is None
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    for out in ranks:  # host flags OR-ed over the ranks
+        assert out.pop("any_rank").tolist() == [True, False, True]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

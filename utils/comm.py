@@ -53,6 +53,34 @@ def init_distributed(device: torch.device) -> None:
         # NCCL and the object collectives use the current device of each process.
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend_for(device))
+    host_group()  # every rank creates it here, in the same order
+
+
+_HOST_GROUP: Any = None
+
+
+def host_group() -> Any:
+    """A Gloo group for flags that live on the host (a stop signal, an unreadable file).
+
+    Exchanging them over NCCL would put a CUDA tensor on the hot path and make every
+    step wait for the GPU to read it back; over Gloo the hosts talk to each other
+    while the GPU keeps working. On a Gloo default group it is that group.
+    """
+    global _HOST_GROUP
+    if _HOST_GROUP is None and is_dist():
+        _HOST_GROUP = (dist.group.WORLD if dist.get_backend() == "gloo"
+                       else dist.new_group(backend="gloo"))
+    return _HOST_GROUP
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (host-side, through `host_group`), so every rank
+    takes the same branch. Returns the flags unchanged in a single process."""
+    if get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier() -> None:
@@ -61,8 +89,10 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _HOST_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def shard_bounds(num_items: int, rank: int | None = None,
