@@ -3,9 +3,10 @@
 # the CUDA tests, then the training-step benchmark (eager per precision, compiled bf16,
 # and the memory/layout options), CLIP inference and GPU-side ranking.
 #
-#   bash benchmarks/gpu_check.sh [LOG_DIR]      # each step's output also goes to LOG_DIR/*.txt
+#   bash benchmarks/gpu_check.sh [LOG_DIR]   # output also in LOG_DIR/gpu_check.log, profile in LOG_DIR
 #
 # Every step has its own time limit, so one slow step cannot take the others' time.
+# About 6 minutes on an H200, most of it compiling (train_compiled).
 set -u
 LOG_DIR=${1:-gpu_check_logs}
 mkdir -p "$LOG_DIR"
@@ -17,8 +18,8 @@ step() {  # step NAME SECONDS COMMAND...
     shift 2
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.txt"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG_DIR/gpu_check.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$LOG_DIR/gpu_check.log"
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
@@ -28,6 +29,8 @@ step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/tes
 step train_eager 100 $PY -m benchmarks.bench_train_step --full --device cuda --precisions fp32 bf16 fp16 --check-syncs
 step train_compiled 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --check-syncs
 step train_options 60 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-augment --channels-last
+step train_b256 70 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-size 256 --steps 10 --warmup 3
+step train_profile 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --profile "$LOG_DIR"
 step train_ckpt 55 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --checkpointing --batch-size 128
 step clip 30 $PY -m benchmarks.bench_clip --device cuda --amp bf16 --batch-size 256 --iters 10
 step eval 40 $PY -m benchmarks.bench_eval --device cuda --skip-reference
