@@ -140,7 +140,7 @@ class Trainer:
         """Loss terms of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
 
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
-        Nothing here waits for the device: finiteness is checked once per step.
+        Nothing here waits for the device; `_step` handles finiteness.
         """
         prepare = getattr(self.train_loader, "prepare_batch", None)
         if prepare is not None:  # e.g. batch-wise augmentation of cached uint8 images
