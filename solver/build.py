@@ -6,6 +6,8 @@ import logging
 import torch
 from torch import nn
 
+from utils.config import ConfigError
+
 from .lr_scheduler import WarmupCosineSchedule
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
     except RuntimeError as err:
         if not fused:
             raise
-        raise ValueError(f"solver.optimizer_kernel=fused is not available here ({err}); "
+        raise ConfigError(f"solver.optimizer_kernel=fused is not available here ({err}); "
                          f"use solver.optimizer_kernel=foreach or auto") from err
 
 

@@ -60,3 +60,23 @@ def test_scheduler_resume_continues_the_same_curve():
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 40))
     assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_optimizer_kernel_choice_and_a_clear_error_when_fused_is_missing(monkeypatch):
+    from utils.config import ConfigError
+    model = nn.Linear(4, 2)
+    args = dict(name="adamw", lr=1e-3, weight_decay=0.0, lr_factor=1.0, bias_lr_factor=1.0)
+    fused = build_optimizer(model, kernel="fused", **args)
+    assert fused.defaults["fused"] and getattr(fused, "_step_supports_amp_scaling", False)
+    assert not build_optimizer(model, kernel="auto", **args).defaults["fused"]  # CPU params
+    assert not build_optimizer(model, kernel="foreach", **args).defaults["fused"]
+
+    original = torch.optim.AdamW
+
+    def old_torch(*a, fused=None, **k):  # what torch < 2.4 says for CPU parameters
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be CUDA tensors")
+        return original(*a, **k)
+    monkeypatch.setattr(torch.optim, "AdamW", old_torch)
+    with pytest.raises(ConfigError, match="solver.optimizer_kernel=fused is not available"):
+        build_optimizer(model, kernel="fused", **args)
