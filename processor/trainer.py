@@ -338,7 +338,7 @@ class Trainer:
                 self._check_nonfinite()
                 count = int(running_steps)
                 if count:
-                    values = {k: v.item() / count for k, v in running.items()}
+                    values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
                     self._log_step(values, steps)
                 running, running_steps = {}, 0
@@ -413,6 +413,20 @@ def log_expert_usage(tb, experts: dict | None, step: int, prefix: str) -> None:
             for expert, share in enumerate(usage):
                 tb.add_scalar(f"{prefix}/experts/{modality}_layer{layer}_expert{expert}", share,
                               step)
+
+
+def _mean_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss sums averaged over ranks (one all-reduce per log line under torchrun).
+
+    SDM, ITC and CoAR already see the global batch; ID and MLM are per-rank means, so
+    the log shows what one process with the whole batch would.
+    """
+    keys = list(sums)
+    stacked = torch.stack([sums[k].float() for k in keys])
+    if comm.get_world_size() > 1:
+        torch.distributed.all_reduce(stacked)
+        stacked /= comm.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
 
 
 def _poison_gradients(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

@@ -191,7 +191,9 @@ def test_shards_cover_items_in_order(num_items, world_size):
 
 def _train_command(synth_root, out, name: str, nproc: int) -> list[str]:
     # Expert dropout off: the one- and two-process runs then follow the same function.
-    overrides = tiny_overrides(synth_root, out, name) + ["eval.i2t=true", "moe.expert_dropout=0"]
+    # ID is a per-rank loss: the log must still show the whole batch's value.
+    overrides = tiny_overrides(synth_root, out, name) + ["eval.i2t=true", "moe.expert_dropout=0",
+                                                          "loss.names=sdm+itc+coar+id"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
     return [*launcher, str(ROOT / "train.py"), "--config_file", CONFIG, *overrides]
