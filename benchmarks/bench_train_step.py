@@ -192,16 +192,6 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
                                 warmup_factor=1.0, min_lr_factor=1.0)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    # Model FLOPs of the step's math, counted once on the eager model before anything is timed.
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with autocast(device, precision):
-            losses = model(stub.prepare_batch(batch, device))
-        sum(losses.values()).backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-
     if compiled:
         model.compile()  # what solver.compile=true does
     trainer = Trainer(cfg, model, stub, None, optimizer, scheduler, scaler, device,
@@ -249,6 +239,17 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
         syncs = sum(str(w.message).startswith("called a synchronizing") for w in caught)
     if args.profile:
         profile_steps(args, precision, compiled, step, sync)
+
+    # Model FLOPs of the step's math, counted after the timing (so the memory figures
+    # start from a clean state) on the eager forward (`forward` bypasses a compiled __call__).
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(device, precision):
+            losses = model.forward(stub.prepare_batch(batch, device))
+        sum(losses.values()).backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
     return {"precision": precision, "compiled": compiled, "samples_per_s": args.batch_size * steps / elapsed,
             "ms_per_step": elapsed / steps * 1000, "flops_per_step": flops, "warmup_s": warmup_s,
             "loss": float(loss), "fused_optimizer": trainer.skip_on_device, "syncs_per_step": syncs,
