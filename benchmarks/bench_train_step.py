@@ -5,7 +5,8 @@ through CLIP and the CoMoE head, the configured losses (default
 ``sdm+itc+coar``), backward, the finiteness check and ``optimizer.step()``
 (AdamW with the project's parameter groups; fused on CUDA, so a non-finite step
 is skipped on the device and the step never waits for it). ``--compile on``
-sets ``solver.compile=true`` (``model.compile()``), ``--checkpointing``
+sets ``solver.compile=true`` (``model.compile()``; ``--compile-mode
+reduce-overhead`` adds CUDA graphs), ``--checkpointing``
 ``model.grad_checkpointing=true``. Batches are synthetic and already on the
 device: 384x128 images, captions of 15-60 tokens in 77 positions, 4 images
 per identity (so SDM has positives).
@@ -79,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: fp32 bf16 on the CPU, fp32 bf16 fp16 on CUDA (fp16 with a grad scaler)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
                         help="torch.compile the model (both: eager and compiled rows)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                        default="default", help="solver.compile_mode of the compiled rows")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
     parser.add_argument("--losses", default="sdm+itc+coar", help="loss.names of the model")
@@ -114,6 +117,7 @@ def build_config(args: argparse.Namespace, precision: str, compiled: bool):
                  f"solver.batch_size={args.batch_size}", f"solver.precision={precision}",
                  f"loss.names={args.losses}", "dataset.text_length=77", f"device={args.device}",
                  f"solver.optimizer_kernel={kernel}", f"solver.compile={str(compiled).lower()}",
+                 f"solver.compile_mode={args.compile_mode}",
                  f"solver.tf32={str(args.tf32).lower()}",
                  f"model.grad_checkpointing={str(args.checkpointing).lower()}"]
     if not args.full:
@@ -166,7 +170,7 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
     from datasets.cache import BatchAugment
     from datasets.transforms import ImageAugment
     from model import build_model
-    from processor.runner import configure_backends
+    from processor.runner import compile_training_model, configure_backends
     from processor.trainer import Trainer
     from solver import build_optimizer, build_scheduler
     from utils.misc import autocast
@@ -192,8 +196,7 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
                                 warmup_factor=1.0, min_lr_factor=1.0)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    if compiled:
-        model.compile()  # what solver.compile=true does
+    compile_training_model(model, cfg)  # what solver.compile=true does
     trainer = Trainer(cfg, model, stub, None, optimizer, scheduler, scaler, device,
                       Path(tempfile.mkdtemp(prefix="bench_train_step_")))
 
@@ -368,7 +371,8 @@ def main(argv=None) -> list[dict]:
           + (", gradient checkpointing" if args.checkpointing else "")
           + (", channels-last" if args.channels_last else "")
           + (", BatchAugment in the step" if args.batch_augment else "")
-          + (", TF32" if args.tf32 else ""))
+          + (", TF32" if args.tf32 else "")
+          + (f", compile mode {args.compile_mode}" if args.compile_mode != "default" else ""))
     flops = next((r["flops_per_step"] for r in results if r.get("flops_per_step")), None)
     if flops:
         print(f"model FLOPs per step (forward + backward): {flops / 1e12:.3f} TFLOP "

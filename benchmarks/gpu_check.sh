@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh [LOG_DIR]   # output also in LOG_DIR/gpu_check.log, profile in LOG_DIR
 #
 # Every step has its own time limit, so one slow step cannot take the others' time.
-# About 6 minutes on an H200, most of it compiling (train_compiled).
+# About 8 minutes on an H200, most of it compiling (train_compiled, train_graphs).
 set -u
 LOG_DIR=${1:-gpu_check_logs}
 mkdir -p "$LOG_DIR"
@@ -28,7 +28,7 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu
 step train_eager 100 $PY -m benchmarks.bench_train_step --full --device cuda --precisions fp32 bf16 fp16 --check-syncs
 step train_compiled 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --check-syncs
-step train_options 60 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-augment --channels-last
+step train_graphs 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead
 step train_b256 70 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-size 256 --steps 10 --warmup 3
 step train_profile 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --profile "$LOG_DIR"
 step train_ckpt 55 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --checkpointing --batch-size 128

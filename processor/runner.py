@@ -134,6 +134,17 @@ def configure_backends(cfg) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
 
 
+def compile_training_model(model: torch.nn.Module, cfg) -> None:
+    """solver.compile: torch.compile the training forward (model + losses).
+
+    In place (`nn.Module.compile`), so state-dict keys and `ddp_model.module` stay as
+    they are; evaluation calls the uncompiled encoders.
+    """
+    if cfg.solver.compile:
+        mode = cfg.solver.compile_mode
+        model.compile(mode=None if mode == "default" else mode)
+
+
 def run_training(cfg) -> dict:
     """Train, keep best.pth (val R1) and last.pth, then test best.pth."""
     device = resolve_device(cfg.device)
@@ -174,8 +185,7 @@ def run_training(cfg) -> dict:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     s = cfg.solver
-    if s.compile:  # in place, so state_dict keys and `ddp_model.module` stay as they are
-        ddp_model.compile()
+    compile_training_model(ddp_model, cfg)
     optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
                                 lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
                                 betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)

@@ -91,9 +91,15 @@ def test_solver_compile_compiles_the_training_model_in_place(synth_root, tmp_pat
     a CPU; benchmarks/bench_train_step.py --compile on runs it."""
     from model.build import RetrievalModel
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self)))
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compiled.append((type(self), k.get("mode"))))
     train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
                        "solver.num_epoch=1", "solver.compile=true"])
-    assert compiled == [RetrievalModel]
+    assert compiled == [(RetrievalModel, None)]
+    compiled.clear()
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "graphs"),
+                       "solver.num_epoch=1", "solver.compile=true",
+                       "solver.compile_mode=reduce-overhead"])
+    assert compiled == [(RetrievalModel, "reduce-overhead")]
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])

@@ -85,6 +85,7 @@ CHOICES = {
     "moe.aux_input": ("token", "prompt"),
     "solver.optimizer": ("adamw", "adam"),
     "solver.optimizer_kernel": ("auto", "fused", "foreach"),
+    "solver.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "solver.precision": ("fp32", "bf16", "fp16"),
 }
 
