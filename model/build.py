@@ -16,7 +16,7 @@ from utils import comm
 from . import objectives
 from .clip_model import CLIP, build_clip
 from .comoe import CoMoEHead, fuse_embedding
-from .mlm import IGNORE_INDEX, MLMHead, mask_caption_tokens
+from .mlm import MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
 
 KNOWN_LOSSES = ("sdm", "itc", "coar", "id", "cmpm", "mlm")
 
@@ -165,10 +165,13 @@ class RetrievalModel(nn.Module):
         masked_ids, labels = mask_caption_tokens(caption_ids, None, cfg.mlm_select_prob,
                                                  cfg.mlm_mask_prob, cfg.mlm_random_prob)
         text_tokens, _ = self.backbone.encode_text(masked_ids)  # B, L, D
-        picked = labels != IGNORE_INDEX
+        # A fixed number of positions (the labelled ones, then filler that the loss
+        # ignores): no data-dependent shape, so the step does not wait for the GPU.
+        capacity = mlm_capacity(*caption_ids.shape, cfg.mlm_select_prob)
+        positions = mlm_positions(labels, capacity)  # M
         logits = self.mlm_head(text_tokens, image_tokens, text_valid_mask(masked_ids),
-                               predict_at=picked)  # M, V
-        return objectives.mlm_loss(logits, labels[picked])
+                               predict_at=positions)  # M, V
+        return objectives.mlm_loss(logits, labels.flatten()[positions])
 
 
 def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:

@@ -14,6 +14,8 @@ batch neighbours (tests/test_baseline_losses.py checks this).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -114,6 +116,36 @@ def mask_caption_tokens(
     labels = torch.where(selected, caption_ids, torch.full_like(caption_ids, IGNORE_INDEX))
     return masked_ids, labels
 
+
+
+def mlm_capacity(batch_size: int, length: int, select_prob: float) -> int:
+    """How many MLM positions a batch of (batch_size, length) captions predicts at.
+
+    A fixed number, so the MLM head has no data-dependent shape (which would make
+    the host wait for the GPU every step). At most ``batch_size * (length - 2)``
+    tokens are candidates (SOT and EOT never are); each is selected with
+    probability ``select_prob``, plus at most one forced pick per caption. The
+    capacity is the binomial mean plus 8 standard deviations plus those forced
+    picks, capped at the candidate count: a batch selects more with probability
+    below 1e-15, and then the last picks (in row-major order) are left out.
+    """
+    candidates = batch_size * max(length - 2, 0)
+    mean = select_prob * candidates
+    spread = math.sqrt(candidates * select_prob * (1.0 - select_prob))
+    return max(1, min(candidates, math.ceil(mean + 8.0 * spread) + batch_size))
+
+
+def mlm_positions(labels: Tensor, capacity: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """(capacity,) long indices into ``labels.flatten()``: every labelled position first,
+    in row-major order, then unlabelled ones as filler (their label is
+    ``ignore_index``, so they do not count in the loss). A fixed shape on the device:
+    no host sync."""
+    flat = labels.flatten()
+    n = flat.numel()
+    capacity = min(capacity, n)
+    rank = torch.arange(n, 0, -1, device=flat.device)  # earlier positions score higher
+    score = (flat != ignore_index).long() * (n + 1) + rank
+    return score.topk(capacity, sorted=True).indices
 
 class CrossAttention(nn.Module):
     """Multi-head attention of batch-first queries to another sequence's tokens."""
@@ -241,13 +273,17 @@ class MLMHead(nn.Module):
                 the paired images.
             text_valid: (B, L) bool, True for SOT .. EOT (padding is never
                 attended to).
-            predict_at: optional (B, L) bool; when given only these positions
-                go through the prediction MLP (e.g. ``labels != -100``), which
-                spares the (B, L, V) logits of the unlabelled positions.
+            predict_at: optional; when given only these positions go through
+                the prediction MLP, which spares the (B, L, V) logits of the
+                unlabelled positions. Either a (B, L) bool mask (e.g.
+                ``labels != -100``; a data-dependent shape, so the host waits
+                for the GPU) or (M,) long indices into the flattened (B*L)
+                positions (a fixed shape, see `mlm_positions`).
 
         Returns:
-            (B, L, V) logits, or (M, V) at the M True positions of
-            ``predict_at`` in row-major order (matching ``labels[predict_at]``).
+            (B, L, V) logits, or (M, V) at the selected positions: the True
+            ones of a mask in row-major order (matching ``labels[predict_at]``),
+            or the given indices in their order.
         """
         if text_tokens.dim() != 3 or text_tokens.shape[-1] != self.dim:
             raise ValueError(f"text_tokens must have shape (B, L, {self.dim}), got {tuple(text_tokens.shape)}")
@@ -267,10 +303,13 @@ class MLMHead(nn.Module):
             x = block(x, text_valid)
         x = self.ln_post(x)
         if predict_at is not None:
-            if predict_at.dtype != torch.bool or predict_at.shape != text_valid.shape:
+            if predict_at.dtype == torch.long and predict_at.dim() == 1:
+                x = x.flatten(0, 1)[predict_at]  # M, D (a gather: no sync)
+            elif predict_at.dtype == torch.bool and predict_at.shape == text_valid.shape:
+                x = x[predict_at]  # M, D
+            else:
                 raise ValueError(
-                    f"predict_at must be a bool tensor of shape {tuple(text_valid.shape)}, "
-                    f"got {predict_at.dtype} {tuple(predict_at.shape)}"
+                    f"predict_at must be a bool tensor of shape {tuple(text_valid.shape)} or "
+                    f"1-d long indices, got {predict_at.dtype} {tuple(predict_at.shape)}"
                 )
-            x = x[predict_at]  # M, D
         return self.fc(self.ln(self.act(self.dense(x))))  # ..., V

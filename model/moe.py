@@ -342,9 +342,10 @@ class MoELayer(nn.Module):
                 else valid.to(torch.float32))  # N
         out = self.expert_pool(x, routing.selected, routing.weights)  # N, D
         out = out * mask.unsqueeze(1).to(out.dtype)
-        with torch.no_grad():
-            picks = F.one_hot(routing.selected, self.router.num_experts).sum(dim=1)  # N, E
-            counts = (picks.float() * mask.unsqueeze(1)).sum(dim=0)  # E
+        with torch.no_grad():  # (one_hot would check the indices' range on the host)
+            picks = torch.zeros(x.shape[0], self.router.num_experts, device=x.device)
+            picks.scatter_(1, routing.selected, 1.0)  # N, E; top-k indices are distinct
+            counts = (picks * mask.unsqueeze(1)).sum(dim=0)  # E
         stats = RoutingStats(
             prob_sum=(routing.probs * mask.unsqueeze(1)).sum(dim=0),
             counts=counts,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.mlm import IGNORE_INDEX, MLMHead, mask_caption_tokens
+from model.mlm import IGNORE_INDEX, MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
 from model.objectives import cmpm_loss, id_loss, mlm_loss
 from utils.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID
 
@@ -122,6 +122,50 @@ def test_mlm_head_shapes_and_selected_positions():
     picked = head(text, image, valid, predict_at=predict_at)
     assert picked.shape == (3, 50)
     torch.testing.assert_close(picked, logits[predict_at])
+
+
+def test_mlm_positions_put_the_labelled_ones_first_in_a_fixed_shape():
+    torch.manual_seed(0)
+    labels = torch.full((4, 9), IGNORE_INDEX)
+    labels[0, 3] = 5
+    labels[2, 1] = 7
+    labels[2, 6] = 8
+    labels[3, 2] = 9
+    positions = mlm_positions(labels, capacity=10)
+    assert positions.shape == (10,) and positions.dtype == torch.long
+    flat = labels.flatten()
+    assert torch.equal(flat[positions[:4]], torch.tensor([5, 7, 8, 9]))  # row-major order
+    assert (flat[positions[4:]] == IGNORE_INDEX).all()
+    assert len(set(positions.tolist())) == 10
+    assert mlm_positions(labels, capacity=100).shape == (36,)  # never more than there are
+
+
+def test_mlm_capacity_bounds():
+    assert mlm_capacity(8, 24, 1.0) == 8 * 22  # every candidate
+    cap = mlm_capacity(64, 77, 0.15)
+    assert 0.15 * 64 * 75 + 64 < cap < 64 * 75
+    # A batch of full-length captions: the count exceeds the capacity with probability
+    # far below 1e-6 (8 standard deviations); check on 500 draws of the real masking.
+    ids = torch.randint(1, 400, (64, 77))
+    ids[:, 0], ids[:, -1] = SOT_TOKEN_ID, EOT_TOKEN_ID
+    g = torch.Generator().manual_seed(0)
+    counts = [int((mask_caption_tokens(ids, g)[1] != IGNORE_INDEX).sum()) for _ in range(500)]
+    assert max(counts) < cap
+
+
+def test_mlm_loss_at_fixed_positions_equals_the_masked_selection():
+    torch.manual_seed(0)
+    head = MLMHead(32, vocab_size=50, heads=4, cmt_depth=2).eval()
+    text, image, valid = _head_inputs()
+    labels = torch.full((3, 7), IGNORE_INDEX)
+    labels[0, 2], labels[1, 1], labels[1, 3], labels[2, 4] = 4, 9, 17, 33
+    picked = labels != IGNORE_INDEX
+    want = mlm_loss(head(text, image, valid, predict_at=picked), labels[picked])
+    positions = mlm_positions(labels, capacity=6)
+    got = mlm_loss(head(text, image, valid, predict_at=positions), labels.flatten()[positions])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="predict_at"):
+        head(text, image, valid, predict_at=torch.zeros(3, 7, dtype=torch.long))
 
 
 def test_mlm_head_samples_are_independent():
