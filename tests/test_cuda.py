@@ -18,9 +18,12 @@ def cuda_overrides(synth_root, tmp_path, name="tiny"):
     return [o for o in tiny_overrides(synth_root, tmp_path, name) if o != "device=cpu"] + ["device=cuda"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("cache", [False, True])
-def test_training_step_never_waits_for_the_gpu(synth_root, tmp_path, monkeypatch, precision, cache):
+@pytest.mark.parametrize("precision,cache,losses", [
+    ("fp32", False, "sdm+itc+coar"), ("bf16", False, "sdm+itc+coar"), ("fp16", False, "sdm+itc+coar"),
+    ("fp32", True, "sdm+itc+coar"), ("bf16", True, "sdm+itc+coar"), ("fp16", True, "sdm+itc+coar"),
+    ("bf16", False, "sdm+itc+coar+mlm+id+cmpm")])
+def test_training_step_never_waits_for_the_gpu(synth_root, tmp_path, monkeypatch, precision, cache,
+                                               losses):
     """Every Trainer._step runs under torch.cuda's sync debug mode "error": any host-device
     sync (an .item(), a data-dependent shape, a blocking copy back) raises."""
     from processor.trainer import Trainer
@@ -39,6 +42,7 @@ def test_training_step_never_waits_for_the_gpu(synth_root, tmp_path, monkeypatch
     extra = [f"dataset.image_cache={str(cache).lower()}", f"dataset.cache_dir={tmp_path / 'cache'}"]
     train_script.main(["--config_file", CONFIG, *cuda_overrides(synth_root, tmp_path),
                        f"solver.precision={precision}", "solver.grad_clip=1.0",
+                       f"loss.names={losses}", "model.cmt_depth=1",
                        "solver.num_epoch=1", "eval.period=5", "dataset.pin_memory=true", *extra])
     assert steps and all(steps)  # fused AdamW by default on CUDA
 
