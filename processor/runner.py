@@ -182,8 +182,11 @@ def run_training(cfg) -> dict:
         # Same initial weights everywhere (DDP broadcasts rank 0's anyway), but each
         # rank draws its own dropout and MLM masks from here on.
         torch.manual_seed(cfg.seed + comm.get_rank())
+        # Gradients as views into DDP's all-reduce buckets: no second copy of them, and
+        # no copy into and out of the buckets each step.
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     s = cfg.solver
     compile_training_model(ddp_model, cfg)
     optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
