@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.clip_model import QuickGELU
 from model.comoe import Attention, Mlp
 from utils.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, VOCAB_SIZE
 
@@ -147,6 +148,7 @@ def mlm_positions(labels: Tensor, capacity: int, ignore_index: int = IGNORE_INDE
     score = (flat != ignore_index).long() * (n + 1) + rank
     return score.topk(capacity, sorted=True).indices
 
+
 class CrossAttention(nn.Module):
     """Multi-head attention of batch-first queries to another sequence's tokens."""
 
@@ -190,13 +192,6 @@ class _Block(nn.Module):
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x), valid)
         return x + self.mlp(self.ln_2(x))
-
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), CLIP's activation."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class MLMHead(nn.Module):

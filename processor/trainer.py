@@ -237,13 +237,10 @@ class Trainer:
 
     def _check_nonfinite(self) -> None:
         """Read the device counters (a host sync: call it at log points only)."""
-        if self._bad_count is None:
-            return
-        seen = int(self._bad_count)
-        new = seen - self._bad_reported
+        new = self._unreported_nonfinite()
         if new <= 0:
             return
-        self._bad_reported = seen
+        self._bad_reported += new
         self.nonfinite_steps += new
         terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self._bad_keys, self._bad_terms.tolist()))
         step = int(self._bad_step)
