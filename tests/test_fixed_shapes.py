@@ -4,7 +4,8 @@ On a GPU, an op whose output shape depends on the data (boolean-mask indexing,
 nonzero, masked_select) or that reads a scalar back (.item(), bool(tensor)) makes
 the host wait for the device. This watches every op a training step dispatches
 on the CPU, so it runs without a GPU; tests/test_cuda.py checks the same on CUDA
-with torch's sync debug mode.
+with torch's sync debug mode. The same forward must also trace as one graph for
+torch.compile.
 """
 from __future__ import annotations
 
@@ -72,3 +73,29 @@ def test_the_watch_sees_a_host_read():
     with watch:
         x[x > 0].sum().item()
     assert watch.seen == ["index with a bool mask", "_local_scalar_dense"]
+
+
+@pytest.mark.parametrize("names,head", [("sdm+itc+coar", "comoe"), ("sdm+itc+coar+mlm+id+cmpm", "comoe")])
+def test_training_forward_compiles_as_one_graph(names, head):
+    """solver.compile and CUDA graphs (compile_mode=reduce-overhead) need the whole
+    training forward, losses included, in one graph: a graph break would run the code
+    between graphs eagerly and keep CUDA graphs from covering the step. Dynamo traces it
+    with fullgraph=True, which raises at any break; the "eager" backend skips code
+    generation, so this takes seconds on the CPU."""
+    import torch._dynamo
+    cfg = load_config(None, TINY_MODEL + [f"loss.names={names}", f"model.head={head}", "model.cmt_depth=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=4).train()
+    batch = _batch()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        torch.manual_seed(1)  # dropout and MLM masking draw the same numbers in both runs
+        traced = compiled(batch)
+    finally:
+        torch._dynamo.reset()
+    torch.manual_seed(1)
+    eager = model(batch)
+    assert traced.keys() == eager.keys()
+    for key in eager:
+        torch.testing.assert_close(traced[key], eager[key], msg=f"loss term {key}")
