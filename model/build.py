@@ -55,14 +55,26 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
-def _all_reduce_stats(stats: list) -> list:
-    if comm.get_world_size() == 1:
-        return stats
+def _all_reduce_stats(image_stats: list, text_stats: list) -> tuple[list, list]:
+    """Sum every layer's routing statistics of both modalities over the ranks.
+
+    One all-reduce in all: each layer's fields are packed into a row of
+    ``prob_sum | counts | num_tokens`` (2E + 1 values), so the step issues one
+    collective (and one more in backward, for prob_sum's gradient) instead of three
+    per layer and modality. prob_sum's gradient flows back through it; the counts do
+    not need one.
+    """
+    if comm.get_world_size() == 1 or not image_stats + text_stats:
+        return image_stats, text_stats
     import torch.distributed.nn.functional as dist_fn
-    return [type(s)(prob_sum=dist_fn.all_reduce(s.prob_sum),
-                    counts=dist_fn.all_reduce(s.counts.detach().clone()),
-                    num_tokens=dist_fn.all_reduce(s.num_tokens.detach().clone()))
-            for s in stats]
+    stats = [*image_stats, *text_stats]
+    rows = torch.stack([torch.cat([s.prob_sum.float(), s.counts.detach().float(),
+                                   s.num_tokens.detach().float().reshape(1)]) for s in stats])
+    rows = dist_fn.all_reduce(rows)  # layers x modalities, 2E + 1
+    num_experts = stats[0].num_experts
+    summed = [type(s)(prob_sum=row[:num_experts], counts=row[num_experts:2 * num_experts].detach(),
+                      num_tokens=row[2 * num_experts].detach()) for s, row in zip(stats, rows)]
+    return summed[:len(image_stats)], summed[len(image_stats):]
 
 
 def text_valid_mask(caption_ids: torch.Tensor) -> torch.Tensor:
@@ -145,8 +157,7 @@ class RetrievalModel(nn.Module):
             out["itc"] = weights.get("itc", 1.0) * objectives.itc_loss(
                 all_image, all_text, self.logit_scale)
         if "coar" in names:
-            coar = objectives.coar_loss(_all_reduce_stats(image_stats),
-                                        _all_reduce_stats(text_stats),
+            coar = objectives.coar_loss(*_all_reduce_stats(image_stats, text_stats),
                                         lambda_align=self.losses.lambda_align)
             out["coar"] = weights.get("coar", 1.0) * coar["total"]
         if "id" in names:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,9 @@ class RoutingStats:
 
     All fields are sums over the routed (valid) tokens, so statistics from
     several forward passes or ranks combine by addition (``a + b``, or an
-    all-reduce of each field).
+    all-reduce of each field). `RoutingStats.stack` puts several layers' stats
+    in one object with a leading layer dimension (prob_sum and counts (n, E),
+    num_tokens (n,)); every method below works on either form.
 
     Attributes:
         prob_sum: (E,) sum over tokens of the router softmax over all experts;
@@ -106,13 +108,25 @@ class RoutingStats:
             num_tokens=self.num_tokens + other.num_tokens,
         )
 
+    @classmethod
+    def stack(cls, stats: Sequence[RoutingStats]) -> RoutingStats:
+        """Several layers' stats as one, with a leading layer dimension."""
+        if not stats:
+            raise ValueError("RoutingStats.stack needs at least one RoutingStats")
+        if len({s.prob_sum.shape for s in stats}) != 1:
+            raise ValueError("RoutingStats.stack needs stats over the same number of experts, got "
+                             f"{[s.num_experts for s in stats]}")
+        return cls(prob_sum=torch.stack([s.prob_sum for s in stats]),
+                   counts=torch.stack([s.counts for s in stats]),
+                   num_tokens=torch.stack([s.num_tokens for s in stats]))
+
     def mean_probs(self) -> Tensor:
-        """(E,) mean router probability per expert, P_e (differentiable)."""
-        return self.prob_sum / self.num_tokens.clamp(min=1)
+        """(..., E) mean router probability per expert, P_e (differentiable)."""
+        return self.prob_sum / self.num_tokens.clamp(min=1).unsqueeze(-1)
 
     def usage(self) -> Tensor:
-        """(E,) fraction of routed assignments that chose each expert, f_e (sums to 1)."""
-        return self.counts / self.counts.sum().clamp(min=1)
+        """(..., E) fraction of routed assignments that chose each expert, f_e (sums to 1)."""
+        return self.counts / self.counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 class BottleneckExpert(nn.Module):

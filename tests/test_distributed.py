@@ -27,7 +27,7 @@ WORLD_SIZE = 2
 BATCH = 8
 # No dropout, so that both computations are the same function. cmpm and id cover
 # the baselines' losses; mlm masks with the process's random stream and is left out.
-EXACT = TINY_MODEL + ["moe.dropout=0", "moe.expert_dropout=0",
+EXACT = TINY_MODEL + ["moe.dropout=0", "moe.expert_dropout=0", "moe.layers=2",
                       "loss.names=sdm+itc+coar+cmpm+id"]
 GATHERED_TERMS = ("sdm", "itc", "coar", "cmpm")  # computed on the whole global batch
 LOCAL_TERMS = ("id",)  # a per-sample mean over the rank's slice; DDP averages the ranks
@@ -77,13 +77,31 @@ def _eval_loaders(num_images: int, num_captions: int):
             torch.utils.data.DataLoader(captions, batch_size=3))
 
 
+class _CountAllReduce:
+    """Records the shape of every torch.distributed.all_reduce call made inside it."""
+
+    def __enter__(self):
+        self.calls, self._real = [], dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            self.calls.append(tuple(tensor.shape))
+            return self._real(tensor, *args, **kwargs)
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._real
+
+
 def _step_and_evaluate(model, ddp_model, batch: dict) -> dict:
     from processor.evaluator import evaluate
-    losses = ddp_model(batch)
+    with _CountAllReduce() as forward_reduces:
+        losses = ddp_model(batch)
     sum(losses.values()).backward()
     cpu = torch.device("cpu")
     return {
         "losses": {k: v.detach() for k, v in losses.items()},
+        "forward_all_reduces": forward_reduces.calls,
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         # 7 images / 11 captions split unevenly; 1 image leaves rank 1 an empty shard.
         "eval": evaluate(model, *_eval_loaders(7, 11), cpu, i2t=True),
@@ -145,6 +163,11 @@ def test_two_ranks_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
+    # The routing statistics of every MoE layer (2 layers x 2 modalities, 4 experts:
+    # 2E + 1 values each) reach the other rank in one all-reduce.
+    assert ref["forward_all_reduces"] == []
+    for out in ranks:
+        assert out["forward_all_reduces"] == [(4, 9)]
     assert set(ranks[0]["losses"]) == set(GATHERED_TERMS + LOCAL_TERMS)
     for out in ranks:
         for term in GATHERED_TERMS:

@@ -150,6 +150,21 @@ def test_routing_stats_add():
         a + RoutingStats(torch.zeros(3), torch.zeros(3), torch.tensor(1.0))
 
 
+def test_routing_stats_stack_keeps_each_layer():
+    a = RoutingStats(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0]), torch.tensor(2.0))
+    b = RoutingStats(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 2.0]), torch.tensor(0.0))
+    both = RoutingStats.stack([a, b])
+    assert both.num_experts == 2 and both.prob_sum.shape == (2, 2) and both.num_tokens.shape == (2,)
+    for row, layer in enumerate((a, b)):  # b has no tokens: zero mean, no division by zero
+        torch.testing.assert_close(both.mean_probs()[row], layer.mean_probs())
+        torch.testing.assert_close(both.usage()[row], layer.usage())
+    torch.testing.assert_close(both.usage(), torch.tensor([[0.75, 0.25], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="same number of experts"):
+        RoutingStats.stack([a, RoutingStats(torch.zeros(3), torch.zeros(3), torch.tensor(1.0))])
+    with pytest.raises(ValueError, match="at least one"):
+        RoutingStats.stack([])
+
+
 def test_expert_pool_matches_a_loop_over_experts_with_gradients():
     """The stacked (one-bottleneck) dispatch computes the per-expert sum, and so do its
     gradients with respect to every expert's own parameters."""
