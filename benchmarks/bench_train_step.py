@@ -253,7 +253,13 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
         sum(losses.values()).backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    return {"precision": precision, "compiled": compiled, "samples_per_s": args.batch_size * steps / elapsed,
+    compile_stats = {}
+    if compiled:  # what dynamo and inductor did: graphs, graph breaks, CUDA-graph skips
+        from torch._dynamo.utils import counters
+        compile_stats = {"graphs": counters["stats"]["unique_graphs"],
+                         "graph_breaks": sum(counters["graph_break"].values()),
+                         "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    return {**compile_stats, "precision": precision, "compiled": compiled, "samples_per_s": args.batch_size * steps / elapsed,
             "ms_per_step": elapsed / steps * 1000, "flops_per_step": flops, "warmup_s": warmup_s,
             "loss": float(loss), "fused_optimizer": trainer.skip_on_device, "syncs_per_step": syncs,
             "nonfinite_steps": trainer.nonfinite_steps + trainer._unreported_nonfinite(), **memory}
@@ -393,6 +399,12 @@ def main(argv=None) -> list[dict]:
         print(f"{label:<12}{'yes' if r['compiled'] else 'no':<9}{r['samples_per_s']:10.1f}{r['ms_per_step']:10.1f}"
               f"{memory:>24}{tflops}{mfu}"
               + (f"  {r['syncs_per_step']}" if args.check_syncs else ""))
+    for r in results:
+        if r["compiled"] and "error" not in r:
+            graphs = (f", CUDA graphs skipped {r['cudagraph_skips']} time(s)"
+                      if args.compile_mode == "reduce-overhead" else "")
+            print(f"compiled {r['precision']}: {r['graphs']} graph(s), {r['graph_breaks']} graph break(s)"
+                  f"{graphs}; compiling and warm-up took {r['warmup_s']:.0f} s")
     by_key = {(r["precision"], r["compiled"]): r for r in results if "error" not in r}
     for compiled in compile_modes:
         fp32, bf16 = by_key.get(("fp32", compiled)), by_key.get(("bf16", compiled))

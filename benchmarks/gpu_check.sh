@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The CUDA checks and speed figures in one go, for a GPU machine with little time:
-# the CUDA tests, then the training-step benchmark (eager per precision, compiled bf16,
-# and the memory/layout options), CLIP inference and GPU-side ranking.
+# The CUDA checks and speed figures in one go, for a GPU machine with little time.
+# First what matters most: the CUDA tests, then the candidates for the MFU target
+# (compiled bf16 steps with CUDA graphs, batch 64 and 256) and the eager bf16 step.
+# With ALL=1 it goes on with the rest: eager fp32/fp16, compiled without CUDA graphs,
+# eager batch 256, a profile, gradient checkpointing, CLIP inference, GPU ranking.
 #
-#   bash benchmarks/gpu_check.sh [LOG_DIR]   # output also in LOG_DIR/gpu_check.log, profile in LOG_DIR
+#   bash benchmarks/gpu_check.sh [LOG_DIR]         # at most 8 minutes (the steps' limits)
+#   ALL=1 bash benchmarks/gpu_check.sh [LOG_DIR]   # at most 19 minutes
 #
-# Every step has its own time limit, so one slow step cannot take the others' time.
-# About 8 minutes on an H200, most of it compiling (train_compiled, train_graphs).
+# Output also goes to LOG_DIR/gpu_check.log (profile files in LOG_DIR). Every step has
+# its own time limit, so one slow step cannot take the others' time; compiling the
+# ViT-B/16 step takes about 2 minutes.
 set -u
 LOG_DIR=${1:-gpu_check_logs}
 mkdir -p "$LOG_DIR"
@@ -26,11 +30,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 
 step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu
-step train_eager 100 $PY -m benchmarks.bench_train_step --full --device cuda --precisions fp32 bf16 fp16 --check-syncs
-step train_compiled 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --check-syncs
-step train_graphs 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead
-step train_b256 70 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-size 256 --steps 10 --warmup 3
-step train_profile 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --profile "$LOG_DIR"
-step train_ckpt 55 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --checkpointing --batch-size 128
+step graphs_b64 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead
+step graphs_b256 170 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead --batch-size 256 --steps 10 --warmup 5
+step eager_b64 50 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --check-syncs
+[ "${ALL:-0}" = 1 ] || exit 0
+step eager_fp32_fp16 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions fp32 fp16 --check-syncs
+step compiled_b64 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --check-syncs
+step compiled_b256 170 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --batch-size 256 --steps 10 --warmup 5
+step eager_b256 70 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --batch-size 256 --steps 10 --warmup 3
+step profile 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --profile "$LOG_DIR"
+step checkpointing 55 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --checkpointing --batch-size 128
 step clip 30 $PY -m benchmarks.bench_clip --device cuda --amp bf16 --batch-size 256 --iters 10
 step eval 40 $PY -m benchmarks.bench_eval --device cuda --skip-reference
