@@ -6,7 +6,7 @@
 # eager batch 256, a profile, gradient checkpointing, CLIP inference, GPU ranking.
 #
 #   bash benchmarks/gpu_check.sh [LOG_DIR]         # at most 8 minutes (the steps' limits)
-#   ALL=1 bash benchmarks/gpu_check.sh [LOG_DIR]   # at most 19 minutes
+#   ALL=1 bash benchmarks/gpu_check.sh [LOG_DIR]   # at most 20 minutes
 #
 # Output also goes to LOG_DIR/gpu_check.log (profile files in LOG_DIR). Every step has
 # its own time limit, so one slow step cannot take the others' time; compiling the
@@ -29,10 +29,10 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 
-step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu
-step graphs_b64 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead
-step graphs_b256 170 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead --batch-size 256 --steps 10 --warmup 5
-step eager_b64 50 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --check-syncs
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_metrics.py::test_cuda_matches_cpu
+step graphs_b64 140 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead
+step graphs_b256 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --compile-mode reduce-overhead --batch-size 256 --steps 10 --warmup 5
+step eager_b64 45 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --check-syncs
 [ "${ALL:-0}" = 1 ] || exit 0
 step eager_fp32_fp16 80 $PY -m benchmarks.bench_train_step --full --device cuda --precisions fp32 fp16 --check-syncs
 step compiled_b64 150 $PY -m benchmarks.bench_train_step --full --device cuda --precisions bf16 --compile on --check-syncs
