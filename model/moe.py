@@ -202,9 +202,11 @@ class ExpertPool(nn.Module):
         hidden = F.linear(x, torch.cat([d.weight for d in downs]), torch.cat([d.bias for d in downs]))
         hidden = F.dropout(F.gelu(hidden), self.dropout, self.training)  # N, E*H
         hidden = hidden.view(n, num_experts, -1) * combine.unsqueeze(2).to(hidden.dtype)
-        out = F.linear(hidden.flatten(1), torch.cat([u.weight for u in ups], dim=1))  # N, D
-        out = out + combine.to(out.dtype) @ torch.stack([u.bias for u in ups]).to(out.dtype)
-        return out.to(x.dtype)
+        # The up-projections' biases ride along as E extra input columns (the combine
+        # weights), so the same matmul adds sum_e combine[n, e] * bias_e.
+        hidden = torch.cat([hidden.flatten(1), combine.to(hidden.dtype)], dim=1)  # N, E*H + E
+        up = torch.cat([*(u.weight for u in ups), torch.stack([u.bias for u in ups], dim=1)], dim=1)
+        return F.linear(hidden, up).to(x.dtype)  # N, D
 
 
 class RouterOutput(NamedTuple):
@@ -288,12 +290,15 @@ class Router(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
             gate = self.gates[0 if self.gate == "shared" else m]
-            z = F.linear(h, gate.weight.float())  # N, E
-            if self.aux_gate is not None:
-                u = h if self.prompt is None else self.prompt.float().unsqueeze(0)  # N|1, D
-                a = torch.sigmoid(self.alpha.float())
-                z = (1.0 - a) * z + a * F.linear(u, self.aux_gate.weight.float())
-        return z
+            if self.aux_gate is None:
+                return F.linear(h, gate.weight.float())  # N, E
+            a = torch.sigmoid(self.alpha.float())
+            if self.prompt is None:
+                # (1 - a) G_m(h) + a G_aux(h) is one linear map of h: mix the gates'
+                # weights (E x D) instead of their (N x E) logits, one matmul.
+                return F.linear(h, torch.lerp(gate.weight.float(), self.aux_gate.weight.float(), a))
+            aux = F.linear(self.prompt.float().unsqueeze(0), self.aux_gate.weight.float())  # 1, E
+            return torch.lerp(F.linear(h, gate.weight.float()), aux, a)  # N, E
 
     def forward(self, h: Tensor, modality: str | int) -> RouterOutput:
         """Route tokens h: (N, D) of one modality; see `RouterOutput` for shapes."""
