@@ -55,6 +55,15 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
+def _gather_pair(image_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_gather` of both modalities' (B, D) features in one collective."""
+    if comm.get_world_size() == 1:
+        return image_feats, text_feats
+    dtype = torch.promote_types(image_feats.dtype, text_feats.dtype)
+    both = _gather(torch.stack([image_feats.to(dtype), text_feats.to(dtype)], dim=1))  # world*B, 2, D
+    return both[:, 0], both[:, 1]
+
+
 def _all_reduce_stats(image_stats: list, text_stats: list) -> tuple[list, list]:
     """Sum every layer's routing statistics of both modalities over the ranks.
 
@@ -148,7 +157,7 @@ class RetrievalModel(nn.Module):
                                                                      return_tokens=True)
         text_feats, text_stats = self.text_features(batch["caption_ids"])
         pids = batch["pids"]
-        all_image, all_text, all_pids = _gather(image_feats), _gather(text_feats), _gather(pids)
+        (all_image, all_text), all_pids = _gather_pair(image_feats, text_feats), _gather(pids)
         out: dict[str, torch.Tensor] = {}
         if "sdm" in names:
             out["sdm"] = weights.get("sdm", 1.0) * objectives.sdm_loss(

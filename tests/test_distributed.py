@@ -77,31 +77,38 @@ def _eval_loaders(num_images: int, num_captions: int):
             torch.utils.data.DataLoader(captions, batch_size=3))
 
 
-class _CountAllReduce:
-    """Records the shape of every torch.distributed.all_reduce call made inside it."""
+class _CountCollectives:
+    """Records (name, tensor shape) of every all_gather / all_reduce made inside it."""
+
+    NAMES = ("all_gather", "all_reduce")
 
     def __enter__(self):
-        self.calls, self._real = [], dist.all_reduce
+        self.calls, self._real = [], {name: getattr(dist, name) for name in self.NAMES}
 
-        def counting(tensor, *args, **kwargs):
-            self.calls.append(tuple(tensor.shape))
-            return self._real(tensor, *args, **kwargs)
-        dist.all_reduce = counting
+        def counting(name):
+            def call(*args, **kwargs):
+                tensor = args[1] if name == "all_gather" else args[0]  # (outputs, input) / (tensor)
+                self.calls.append((name, tuple(tensor.shape)))
+                return self._real[name](*args, **kwargs)
+            return call
+        for name in self.NAMES:
+            setattr(dist, name, counting(name))
         return self
 
     def __exit__(self, *exc):
-        dist.all_reduce = self._real
+        for name, real in self._real.items():
+            setattr(dist, name, real)
 
 
 def _step_and_evaluate(model, ddp_model, batch: dict) -> dict:
     from processor.evaluator import evaluate
-    with _CountAllReduce() as forward_reduces:
+    with _CountCollectives() as forward_collectives:
         losses = ddp_model(batch)
     sum(losses.values()).backward()
     cpu = torch.device("cpu")
     return {
         "losses": {k: v.detach() for k, v in losses.items()},
-        "forward_all_reduces": forward_reduces.calls,
+        "forward_collectives": forward_collectives.calls,
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         # 7 images / 11 captions split unevenly; 1 image leaves rank 1 an empty shard.
         "eval": evaluate(model, *_eval_loaders(7, 11), cpu, i2t=True),
@@ -163,11 +170,13 @@ def test_two_ranks_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    # The routing statistics of every MoE layer (2 layers x 2 modalities, 4 experts:
-    # 2E + 1 values each) reach the other rank in one all-reduce.
-    assert ref["forward_all_reduces"] == []
+    # Three collectives in the forward: the image and text features (4 samples a rank,
+    # width 32) in one all-gather, the identities, and the routing statistics of every
+    # MoE layer (2 layers x 2 modalities, 4 experts: 2E + 1 values each) in one all-reduce.
+    assert ref["forward_collectives"] == []
     for out in ranks:
-        assert out["forward_all_reduces"] == [(4, 9)]
+        assert out["forward_collectives"] == [("all_gather", (4, 2, 32)), ("all_gather", (4,)),
+                                              ("all_reduce", (4, 9))]
     assert set(ranks[0]["losses"]) == set(GATHERED_TERMS + LOCAL_TERMS)
     for out in ranks:
         for term in GATHERED_TERMS:
