@@ -297,7 +297,8 @@ class Trainer:
         running_steps = 0
         replaced_images = 0
         self.model.train()
-        start = time.perf_counter()
+        start = interval_start = time.perf_counter()
+        epoch_samples = interval_samples = 0  # this rank's; every rank has as many
         progress = self._progress(steps)
         batches = iter(self.train_loader)
         while True:
@@ -324,6 +325,8 @@ class Trainer:
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
             losses, finite = self._step(batch)
+            epoch_samples += len(batch["pids"])
+            interval_samples += len(batch["pids"])
             self.batch_in_epoch += 1
             self.global_step += 1  # skipped steps count too (their schedule step was taken)
             # Sums of finite steps only, kept on the device until the log line.
@@ -334,11 +337,14 @@ class Trainer:
             if self.global_step % cfg.solver.log_period == 0 or self.batch_in_epoch == steps:
                 self._check_nonfinite()
                 count = int(running_steps)
+                now = time.perf_counter()  # the reads above waited for the device
+                rate = interval_samples * comm.get_world_size() / max(now - interval_start, 1e-9)
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, steps)
+                    self._log_step(values, steps, rate)
                 running, running_steps = {}, 0
+                interval_start, interval_samples = now, 0
             if progress is not None:
                 progress.update(1)
             every = cfg.checkpoint.every_n_steps
@@ -346,8 +352,10 @@ class Trainer:
                 self.save("last.pth")
         if progress is not None:
             progress.close()
-        logger.info("epoch %d/%d done in %.1fs: %s", self.epoch + 1, cfg.solver.num_epoch,
-                    time.perf_counter() - start, meters)
+        elapsed = time.perf_counter() - start
+        logger.info("epoch %d/%d done in %.1fs (%.1f samples/s): %s", self.epoch + 1,
+                    cfg.solver.num_epoch, elapsed,
+                    epoch_samples * comm.get_world_size() / max(elapsed, 1e-9), meters)
         if replaced_images:
             logger.warning("epoch %d: %d unreadable training images were skipped (replaced by "
                            "another image of the same identity); see the warnings above for "
@@ -372,15 +380,25 @@ class Trainer:
         return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
                     desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
 
-    def _log_step(self, values: dict[str, float], steps: int) -> None:
+    def _log_step(self, values: dict[str, float], steps: int, samples_per_s: float) -> None:
+        """A log line: loss terms, then the throughput since the last line (all ranks,
+        data loading included) and, on CUDA, this process's peak allocated memory."""
         lr = self.optimizer.param_groups[0]["lr"]
-        logger.info("epoch %d [%d/%d] step %d lr %.2e %s", self.epoch + 1, self.batch_in_epoch,
+        speed = f"{samples_per_s:.1f} samples/s"
+        memory = None
+        if self.device.type == "cuda":
+            memory = torch.cuda.max_memory_allocated(self.device) / 2**30
+            speed += f", {memory:.2f} GiB peak"
+        logger.info("epoch %d [%d/%d] step %d lr %.2e %s | %s", self.epoch + 1, self.batch_in_epoch,
                     steps, self.global_step, lr,
-                    " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+                    " ".join(f"{k}={v:.4f}" for k, v in values.items()), speed)
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, self.global_step)
             self.tb.add_scalar("train/lr", lr, self.global_step)
+            self.tb.add_scalar("train/samples_per_s", samples_per_s, self.global_step)
+            if memory is not None:
+                self.tb.add_scalar("train/peak_memory_gib", memory, self.global_step)
 
     def _validate(self) -> None:
         image_loader, text_loader = self.val_loaders

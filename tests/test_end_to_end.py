@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -38,6 +39,13 @@ def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
     assert sum(experts["text"]["usage"][0]) == pytest.approx(1.0, abs=1e-4)
     assert result["t2i"] == saved["t2i"]
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+    # Every log line and epoch summary reports the throughput (no GPU memory on the CPU).
+    log = (run / "train.log").read_text()
+    steps = re.findall(r" step \d+ lr \S+ .*loss=[0-9.]+ \| ([0-9.]+) samples/s$", log, re.M)
+    epochs = re.findall(r"done in [0-9.]+s \(([0-9.]+) samples/s\)", log)
+    assert len(steps) >= 4 and len(epochs) == 2, log
+    assert all(float(rate) > 0 for rate in steps + epochs)
+    assert "GiB peak" not in log
 
     # test.py rebuilds everything from the saved config alone and agrees.
     again = test_script.main(["--config_file", str(run / "configs.yaml"), "eval.i2t=true"])

@@ -194,7 +194,7 @@ def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monk
     assert not torch.equal(params_seen[4], params_seen[-1])  # the others did update
     log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
     assert "skipped (2 of 2 allowed)" in log
-    averages = re.search(r"epoch 1/1 done in [0-9.]+s: (.*)", log).group(1)
+    averages = re.search(r"epoch 1/1 done in [0-9.]+s \([0-9.]+ samples/s\): (.*)", log).group(1)
     assert re.fullmatch(r"(\w+=[0-9.]+ ?)+", averages), averages  # no nan or inf
 
 
