@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from utils import comm
@@ -47,12 +48,47 @@ def parse_loss_names(names: str, has_head: bool) -> tuple[str, ...]:
     return parts
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order. Every rank computes the loss on the whole gathered
+    batch, so the gradient of a rank's own rows is the sum over ranks of the gradient of
+    their copy; DDP's averaging then gives the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over ranks; the gradient is summed over ranks too (each rank's loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, with gradients flowing back to their owners."""
     if comm.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    return _GatherRows.apply(x)
 
 
 def _gather_pair(image_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +111,10 @@ def _all_reduce_stats(image_stats: list, text_stats: list) -> tuple[list, list]:
     """
     if comm.get_world_size() == 1 or not image_stats + text_stats:
         return image_stats, text_stats
-    import torch.distributed.nn.functional as dist_fn
     stats = [*image_stats, *text_stats]
     rows = torch.stack([torch.cat([s.prob_sum.float(), s.counts.detach().float(),
                                    s.num_tokens.detach().float().reshape(1)]) for s in stats])
-    rows = dist_fn.all_reduce(rows)  # layers x modalities, 2E + 1
+    rows = _SumOverRanks.apply(rows)  # layers x modalities, 2E + 1
     num_experts = stats[0].num_experts
     summed = [type(s)(prob_sum=row[:num_experts], counts=row[num_experts:2 * num_experts].detach(),
                       num_tokens=row[2 * num_experts].detach()) for s, row in zip(stats, rows)]

@@ -200,6 +200,45 @@ def test_two_ranks_match_one_process(tmp_path):
         assert torch.equal(out["rows"], torch.ones(3, 2))
 
 
+def _compiled_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        b = BATCH // world_size
+        local = {k: v[rank * b:(rank + 1) * b] for k, v in _global_batch().items()}
+        results = []
+        for compiled in (False, True):
+            model = _tiny_model()
+            ddp_model = DistributedDataParallel(model)
+            if compiled:  # AOTAutograd traces forward and backward; no code generation
+                ddp_model = torch.compile(ddp_model, backend="aot_eager")
+            losses = ddp_model(local)
+            sum(losses.values()).backward()
+            results.append(({k: v.detach() for k, v in losses.items()},
+                            {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}))
+        torch.save(results, os.path.join(out_dir, f"compiled{rank}.pt"))
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
+
+
+def test_two_ranks_compiled_match_eager(tmp_path):
+    """torchrun with solver.compile: DDP's compiled forward and backward, collectives
+    of the losses included, give the eager losses and gradients."""
+    mp.spawn(_compiled_worker, args=(WORLD_SIZE, str(tmp_path / "store"), str(tmp_path)),
+             nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        (eager_losses, eager_grads), (losses, grads) = torch.load(tmp_path / f"compiled{rank}.pt",
+                                                                  weights_only=True)
+        assert losses.keys() == eager_losses.keys()
+        for key in losses:
+            assert _max_diff(losses[key], eager_losses[key]) <= 1e-5, key
+        assert grads.keys() == eager_grads.keys() and len(grads) > 100
+        assert max(_scaled_diff(grads[n], eager_grads[n]) for n in grads) <= 1e-5
+
+
 def test_single_process_needs_no_process_group(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
