@@ -125,3 +125,15 @@ def test_cuda_graph_training_matches_eager(tmp_path, accumulation):
     assert graphed[0] == pytest.approx(eager[0], rel=1e-4)  # before any update
     assert graphed == pytest.approx(eager, rel=1e-2)
     assert len(set(graphed)) == len(graphed)  # each step saw its own batch
+
+
+def test_train_py_with_cuda_graphs_trains_validates_and_logs_memory(synth_root, tmp_path):
+    """train.py end to end with solver.compile=true and CUDA graphs: training steps
+    between validations (uncompiled encoders), checkpoints, then the test split."""
+    result = train_script.main(["--config_file", CONFIG, *cuda_overrides(synth_root, tmp_path),
+                                "solver.precision=bf16", "solver.compile=true",
+                                "solver.compile_mode=reduce-overhead", "eval.period=1"])
+    assert 0 <= result["t2i"]["R1"] <= 100
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert log.count("validation t2i") == 2
+    assert "samples/s, " in log and "GiB peak" in log
