@@ -299,16 +299,20 @@ class Trainer:
         self.model.train()
         start = interval_start = time.perf_counter()
         epoch_samples = interval_samples = 0  # this rank's; every rank has as many
+        data_wait = 0.0  # seconds this rank waited for the loader since the last log line
         progress = self._progress(steps)
         batches = iter(self.train_loader)
         while True:
             bad_image = None
+            wait_start = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:
                 break  # every rank has the same number of batches
             except BadImageError as err:
                 bad_image = err
+            finally:
+                data_wait += time.perf_counter() - wait_start
             stop, any_bad = comm.any_rank(self._stop_signal is not None, bad_image is not None)
             if any_bad:
                 self.save("last.pth")
@@ -338,13 +342,15 @@ class Trainer:
                 self._check_nonfinite()
                 count = int(running_steps)
                 now = time.perf_counter()  # the reads above waited for the device
-                rate = interval_samples * comm.get_world_size() / max(now - interval_start, 1e-9)
+                interval = max(now - interval_start, 1e-9)
+                speed = {"samples_per_s": interval_samples * comm.get_world_size() / interval,
+                         "data_wait": min(data_wait / interval, 1.0)}
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, steps, rate)
+                    self._log_step(values, steps, **speed)
                 running, running_steps = {}, 0
-                interval_start, interval_samples = now, 0
+                interval_start, interval_samples, data_wait = now, 0, 0.0
             if progress is not None:
                 progress.update(1)
             every = cfg.checkpoint.every_n_steps
@@ -380,11 +386,14 @@ class Trainer:
         return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
                     desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
 
-    def _log_step(self, values: dict[str, float], steps: int, samples_per_s: float) -> None:
-        """A log line: loss terms, then the throughput since the last line (all ranks,
-        data loading included) and, on CUDA, this process's peak allocated memory."""
+    def _log_step(self, values: dict[str, float], steps: int, samples_per_s: float,
+                  data_wait: float) -> None:
+        """A log line: loss terms, then since the last line the throughput (all ranks,
+        data loading included) and the share of the time rank 0 waited for the data
+        loader (high: the loader is the bottleneck), and, on CUDA, this process's peak
+        allocated memory."""
         lr = self.optimizer.param_groups[0]["lr"]
-        speed = f"{samples_per_s:.1f} samples/s"
+        speed = f"{samples_per_s:.1f} samples/s, data wait {data_wait:.0%}"
         memory = None
         if self.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -397,6 +406,7 @@ class Trainer:
                 self.tb.add_scalar(f"train/{key}", value, self.global_step)
             self.tb.add_scalar("train/lr", lr, self.global_step)
             self.tb.add_scalar("train/samples_per_s", samples_per_s, self.global_step)
+            self.tb.add_scalar("train/data_wait", data_wait, self.global_step)
             if memory is not None:
                 self.tb.add_scalar("train/peak_memory_gib", memory, self.global_step)
 

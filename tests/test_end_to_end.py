@@ -41,7 +41,8 @@ def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
     # Every log line and epoch summary reports the throughput (no GPU memory on the CPU).
     log = (run / "train.log").read_text()
-    steps = re.findall(r" step \d+ lr \S+ .*loss=[0-9.]+ \| ([0-9.]+) samples/s$", log, re.M)
+    steps = re.findall(r" step \d+ lr \S+ .*loss=[0-9.]+ \| ([0-9.]+) samples/s, data wait \d+%$",
+                       log, re.M)
     epochs = re.findall(r"done in [0-9.]+s \(([0-9.]+) samples/s\)", log)
     assert len(steps) >= 4 and len(epochs) == 2, log
     assert all(float(rate) > 0 for rate in steps + epochs)
@@ -111,3 +112,29 @@ def test_solver_compile_compiles_the_training_model_in_place(synth_root, tmp_pat
     assert compiled == [(RetrievalModel, "reduce-overhead")]
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("slow", ["data", "step"])
+def test_log_lines_tell_a_slow_loader_from_a_slow_step(synth_root, tmp_path, monkeypatch, slow):
+    """The "data wait" of a log line is the share of time spent waiting for the loader:
+    high when the loader is the bottleneck, low when the step is."""
+    import time
+
+    from datasets.bases import ImageTextDataset
+    from processor.trainer import Trainer
+    target, name = (ImageTextDataset, "__getitem__") if slow == "data" else (Trainer, "_step")
+    original = getattr(target, name)
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.03 if slow == "data" else 0.2)  # 8 items or 1 step: 0.24 s vs 0.2 s
+        return original(*args, **kwargs)
+    monkeypatch.setattr(target, name, slowed)
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.num_epoch=1", "solver.log_period=1", "eval.period=5"])
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    waits = [int(w) for w in re.findall(r"data wait (\d+)%", log)][1:]  # after the first step
+    assert len(waits) >= 3, log
+    if slow == "data":
+        assert min(waits) >= 50, waits
+    else:
+        assert max(waits) <= 30, waits
