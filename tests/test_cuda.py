@@ -71,8 +71,9 @@ def test_batch_augment_on_cuda_matches_cpu():
 
 
 def _steps_losses(tmp_path, compile_mode: str | None, accumulation: int, batches: list,
-                  device: str = "cuda") -> list[float]:
-    """Loss of each Trainer._step over `batches`, eager or compiled with `compile_mode`."""
+                  device: str = "cuda") -> tuple[list[float], dict]:
+    """Loss of each Trainer._step over `batches`, eager or compiled with `compile_mode`,
+    and the gradients the first step hands to the optimizer."""
     from conftest import TINY_MODEL
     from model import build_model
     from processor.runner import compile_training_model, configure_backends
@@ -96,14 +97,24 @@ def _steps_losses(tmp_path, compile_mode: str | None, accumulation: int, batches
                                 warmup_factor=1.0, min_lr_factor=1.0)
     compile_training_model(model, cfg)
     trainer = Trainer(cfg, model, None, None, optimizer, scheduler, None, device, tmp_path)
-    return [trainer._step(batch)[0]["loss"].item() for batch in batches]
+    first_grads = {}
+    optimizer_step = trainer._optimizer_step
+
+    def snapshot(finite):
+        if not first_grads:
+            first_grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                if p.grad is not None})
+        return optimizer_step(finite)
+    trainer._optimizer_step = snapshot
+    losses = [trainer._step(batch)[0]["loss"].item() for batch in batches]
+    return losses, first_grads
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_cuda_graph_training_matches_eager(tmp_path, accumulation):
-    """solver.compile_mode=reduce-overhead: the whole training forward and backward
-    replay as CUDA graphs (no skip), fresh batches are copied in, and the losses follow
-    the eager run's, also when micro-batches accumulate gradients."""
+@pytest.mark.parametrize("mode,accumulation", [("reduce-overhead", 1), ("default", 2)])
+def test_compiled_training_matches_eager(tmp_path, mode, accumulation):
+    """solver.compile on CUDA: the step's gradients (accumulated over micro-batches too)
+    and the losses of the following steps are the eager ones; with CUDA graphs
+    (reduce-overhead) every step replays (no skip) and fresh batches are copied in."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from test_fixed_shapes import _batch
@@ -113,18 +124,22 @@ def test_cuda_graph_training_matches_eager(tmp_path, accumulation):
         g = torch.Generator().manual_seed(seed)
         batch["images"] = torch.randn(batch["images"].shape, generator=g)
         batches.append(batch)
-    eager = _steps_losses(tmp_path / "eager", None, accumulation, batches)
+    eager, eager_grads = _steps_losses(tmp_path / "eager", None, accumulation, batches)
     torch._dynamo.reset()
     counters.clear()
     try:
-        graphed = _steps_losses(tmp_path / "graphs", "reduce-overhead", accumulation, batches)
+        compiled, grads = _steps_losses(tmp_path / "compiled", mode, accumulation, batches)
         skips = counters["inductor"]["cudagraph_skips"]
     finally:
         torch._dynamo.reset()
     assert skips == 0
-    assert graphed[0] == pytest.approx(eager[0], rel=1e-4)  # before any update
-    assert graphed == pytest.approx(eager, rel=1e-2)
-    assert len(set(graphed)) == len(graphed)  # each step saw its own batch
+    assert grads.keys() == eager_grads.keys() and len(grads) > 50
+    for name, want in eager_grads.items():
+        scale = max(1.0, want.abs().max().item())
+        assert (grads[name] - want).abs().max().item() / scale <= 1e-4, name
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)  # before any update
+    assert compiled == pytest.approx(eager, rel=1e-2)
+    assert len(set(compiled)) == len(compiled)  # each step saw its own batch
 
 
 def test_train_py_with_cuda_graphs_trains_validates_and_logs_memory(synth_root, tmp_path):

@@ -11,6 +11,7 @@ import test as test_script
 import train as train_script
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
+from utils.config import ConfigError
 from utils.checkpoint import CheckpointError, load_checkpoint
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -112,6 +113,13 @@ def test_solver_compile_compiles_the_training_model_in_place(synth_root, tmp_pat
     assert compiled == [(RetrievalModel, "reduce-overhead")]
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+    # CUDA graphs lose accumulated gradients (pytorch#169545): refused before any work.
+    with pytest.raises(ConfigError, match="solver.accumulation_steps=2"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "acc"),
+                           "solver.compile=true", "solver.compile_mode=reduce-overhead",
+                           "solver.accumulation_steps=2"])
+    assert not (tmp_path / "CUHK-PEDES" / "acc").exists()
 
 
 @pytest.mark.parametrize("slow", ["data", "step"])
