@@ -164,9 +164,8 @@ class RetrievalModel(nn.Module):
         if self.head is None:
             out = global_feat, []
         else:
-            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            head_tokens, stats = self.head(tokens, valid, "image")
-            out = fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
+            head_tokens, stats = self.head(tokens, None, "image")  # no padding in images
+            out = fuse_embedding(global_feat, head_tokens, None, self.embed_mode), stats
         return (*out, tokens) if return_tokens else out
 
     def text_features(self, caption_ids: torch.Tensor):

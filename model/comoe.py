@@ -41,20 +41,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        """x: (B, L, D), valid: (B, L) bool -> (B, L, D).
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """x: (B, L, D), valid: (B, L) bool or None (every token real) -> (B, L, D).
 
         Queries attend to the valid keys of their own sample. Every query may
         also attend to itself, so a padded query row (or a sample without valid
         tokens) never has all keys masked (no NaN); valid queries are unaffected
-        because their own key is valid anyway.
+        because their own key is valid anyway. Without padding no mask is built,
+        so SDPA can pick its unmasked (flash) kernels.
         """
         B, L, D = x.shape
         q, k, v = (
             self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )  # each B, H, L, hd
-        self_key = torch.eye(L, dtype=torch.bool, device=x.device)  # L, L
-        attn_mask = valid[:, None, None, :] | self_key  # B, 1, L, L
+        attn_mask = None
+        if valid is not None:
+            self_key = torch.eye(L, dtype=torch.bool, device=x.device)  # L, L
+            attn_mask = valid[:, None, None, :] | self_key  # B, 1, L, L
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # B, H, L, hd
@@ -113,8 +116,10 @@ class CoMoEBlock(nn.Module):
                 dim, num_experts, topk, reduction, expert_dropout, gate, aux_input, mix_init
             )
 
-    def forward(self, x: Tensor, valid: Tensor, modality: str) -> tuple[Tensor, RoutingStats | None]:
-        """x: (B, L, D), valid: (B, L) bool -> ((B, L, D), stats or None without MoE)."""
+    def forward(self, x: Tensor, valid: Tensor | None,
+                modality: str) -> tuple[Tensor, RoutingStats | None]:
+        """x: (B, L, D), valid: (B, L) bool or None (no padding) -> ((B, L, D), stats or
+        None without MoE)."""
         x = x + self.attn(self.ln_1(x), valid)
         update = self.mlp(self.ln_2(x))  # B, L, D
         stats = None
@@ -195,13 +200,14 @@ class CoMoEHead(nn.Module):
                     nn.init.zeros_(lin.bias)
 
     def forward(
-        self, tokens: Tensor, valid: Tensor, modality: str
+        self, tokens: Tensor, valid: Tensor | None, modality: str
     ) -> tuple[Tensor, list[RoutingStats]]:
         """Transform one modality's token sequences.
 
         Args:
             tokens: (B, L, D) backbone tokens in the joint space.
-            valid: (B, L) bool, True for real tokens (all True for images).
+            valid: (B, L) bool, True for real tokens, or None when every token is
+                real (images): the same result without masking work.
             modality: "image" or "text" (selects the modality gate).
 
         Returns:
@@ -212,31 +218,34 @@ class CoMoEHead(nn.Module):
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
             raise ValueError(f"tokens must have shape (B, L, {self.dim}), got {tuple(tokens.shape)}")
-        if valid.dtype != torch.bool or valid.shape != tokens.shape[:2]:
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != tokens.shape[:2]):
             raise ValueError(
-                f"valid must be a bool tensor of shape {tuple(tokens.shape[:2])}, "
+                f"valid must be None or a bool tensor of shape {tuple(tokens.shape[:2])}, "
                 f"got {valid.dtype} {tuple(valid.shape)}"
             )
-        keep = valid.unsqueeze(-1)  # B, L, 1
-        # Padding content (possibly non-finite) must not reach valid positions,
-        # not even as 0 * NaN in the masked attention product.
-        x = torch.where(keep, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        x = tokens
+        if valid is not None:
+            # Padding content (possibly non-finite) must not reach valid positions,
+            # not even as 0 * NaN in the masked attention product.
+            x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         all_stats = []
         for block in self.blocks:
             x, stats = block(x, valid, modality)
             if stats is not None:
                 all_stats.append(stats)
-        x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if valid is not None:
+            x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         return x, all_stats
 
 
-def fuse_embedding(global_feat: Tensor, head_tokens: Tensor, valid: Tensor, mode: str = "sum") -> Tensor:
+def fuse_embedding(global_feat: Tensor, head_tokens: Tensor, valid: Tensor | None,
+                   mode: str = "sum") -> Tensor:
     """Final embedding of each sample from its global feature and head tokens.
 
     Args:
         global_feat: (B, D) backbone global feature (image CLS / text EOT).
         head_tokens: (B, L, D) head output.
-        valid: (B, L) bool mask of real tokens.
+        valid: (B, L) bool mask of real tokens, or None when all are real.
         mode: "sum" = global + masked mean of head tokens, "mean" = masked
             mean only, "global" = global feature only.
 
@@ -248,6 +257,9 @@ def fuse_embedding(global_feat: Tensor, head_tokens: Tensor, valid: Tensor, mode
         raise ValueError(f"unknown embedding fuse mode {mode!r}; expected one of {FUSE_MODES}")
     if mode == "global":
         return global_feat
+    if valid is None:
+        mean = head_tokens.mean(dim=1)
+        return mean if mode == "mean" else global_feat + mean
     weights = valid.unsqueeze(-1).to(head_tokens.dtype)  # B, L, 1
     summed = torch.where(valid.unsqueeze(-1), head_tokens, torch.zeros_like(head_tokens)).sum(dim=1)
     mean = summed / weights.sum(dim=1).clamp(min=1)  # B, D

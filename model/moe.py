@@ -357,27 +357,30 @@ class MoELayer(nn.Module):
         (selected experts and combine weights, (N, k)).
         """
         routing = self.router(x, modality)
-        mask = (torch.ones(x.shape[0], device=x.device) if valid is None
-                else valid.to(torch.float32))  # N
         out = self.expert_pool(x, routing.selected, routing.weights)  # N, D
-        out = out * mask.unsqueeze(1).to(out.dtype)
+        probs = routing.probs  # N, E
         with torch.no_grad():  # (one_hot would check the indices' range on the host)
             picks = torch.zeros(x.shape[0], self.router.num_experts, device=x.device)
             picks.scatter_(1, routing.selected, 1.0)  # N, E; top-k indices are distinct
-            counts = (picks * mask.unsqueeze(1)).sum(dim=0)  # E
-        stats = RoutingStats(
-            prob_sum=(routing.probs * mask.unsqueeze(1)).sum(dim=0),
-            counts=counts,
-            num_tokens=mask.sum(),
-        )
+        if valid is None:  # every token counts: no masking work
+            num_tokens = torch.full((), float(x.shape[0]), device=x.device)
+        else:
+            mask = valid.to(torch.float32).unsqueeze(1)  # N, 1
+            out = out * mask.to(out.dtype)
+            probs, picks = probs * mask, picks * mask
+            num_tokens = mask.sum()
+        stats = RoutingStats(prob_sum=probs.sum(dim=0), counts=picks.sum(dim=0),
+                             num_tokens=num_tokens)
         return MoETokenOutput(out, stats, routing.selected, routing.weights)
 
-    def forward(self, x: Tensor, valid: Tensor, modality: str | int) -> tuple[Tensor, RoutingStats]:
+    def forward(self, x: Tensor, valid: Tensor | None,
+                modality: str | int) -> tuple[Tensor, RoutingStats]:
         """Route the valid tokens of a padded batch.
 
         Args:
             x: (B, L, D) tokens (already layer-normed by the caller).
-            valid: (B, L) bool, True for real tokens, False for padding.
+            valid: (B, L) bool, True for real tokens, False for padding; None when
+                every token is real.
             modality: "image" or "text".
 
         Returns:
@@ -385,5 +388,6 @@ class MoELayer(nn.Module):
             layer's `RoutingStats` over the valid tokens. Every position is routed
             (fixed shapes, no host sync); padding is masked out afterwards.
         """
-        routed = self.route_tokens(x.flatten(0, 1), modality, valid.flatten())  # B*L, D
+        routed = self.route_tokens(x.flatten(0, 1), modality,
+                                   None if valid is None else valid.flatten())  # B*L, D
         return routed.out.view(x.shape), routed.stats

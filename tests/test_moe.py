@@ -309,6 +309,34 @@ def test_outputs_do_not_depend_on_batch_neighbours(gate, aux_input):
     assert not torch.allclose(out[3], out[4], atol=1e-3)
 
 
+def test_head_without_padding_mask_equals_an_all_true_mask():
+    """valid=None (images: no padding) skips the masking work and gives the results of
+    an all-True mask: tokens, routing statistics, embeddings and gradients."""
+    torch.manual_seed(0)
+    head = CoMoEHead(dim=16, layers=2, heads=2, num_experts=4, topk=2, reduction=4,
+                     expert_dropout=0.0, identity_init=False)
+    tokens = torch.randn(3, 7, 16)
+    results = []
+    for valid in (None, torch.ones(3, 7, dtype=torch.bool)):
+        head.zero_grad()
+        x = tokens.clone().requires_grad_()
+        out, stats = head(x, valid, "image")
+        fused = fuse_embedding(x[:, 0], out, valid, "sum")
+        (fused.square().sum() + sum(s.prob_sum.square().sum() for s in stats)).backward()
+        results.append((out, stats, fused, x.grad, [p.grad for p in head.parameters()
+                                                     if p.grad is not None]))  # no text gate
+    (out, stats, fused, grad, grads), (out_m, stats_m, fused_m, grad_m, grads_m) = results
+    torch.testing.assert_close(out, out_m)
+    torch.testing.assert_close(fused, fused_m)
+    torch.testing.assert_close(grad, grad_m)
+    for a, b in zip(stats, stats_m):
+        torch.testing.assert_close(a.prob_sum, b.prob_sum)
+        assert torch.equal(a.counts, b.counts) and a.num_tokens.item() == b.num_tokens.item() == 21
+    assert len(grads) == len(grads_m) > 20
+    for a, b in zip(grads, grads_m):
+        torch.testing.assert_close(a, b)
+
+
 def test_fuse_embedding_modes():
     global_feat = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     tokens = torch.tensor([[[1.0, 1.0], [3.0, 5.0], [100.0, 100.0]],
@@ -346,7 +374,7 @@ def test_invalid_inputs_raise():
     valid = torch.ones(2, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="modality 'audio'"):
         head(tokens, valid, "audio")
-    with pytest.raises(ValueError, match="valid must be a bool"):
+    with pytest.raises(ValueError, match="valid must be None or a bool"):
         head(tokens, valid.float(), "text")
     with pytest.raises(ValueError, match=r"\(B, L, 32\)"):
         head(torch.randn(2, 4, 16), valid, "text")
