@@ -161,11 +161,11 @@ class Trainer:
         """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
 
         Returns the micro-batch-averaged loss terms and a device flag, True when they
-        are finite. A non-finite step makes no update. With a fused optimizer the skip
-        happens on the device (the optimizer reads a `found_inf` flag, as under AMP
-        loss scaling), so the step never waits for the device; the host learns of
-        skipped steps at the next log line (`_check_nonfinite`). Otherwise the flag is
-        read here, which costs nothing on the CPU.
+        and the gradients are finite. A non-finite step makes no update. With a fused
+        optimizer the skip happens on the device (the optimizer reads a `found_inf`
+        flag, as under AMP loss scaling), so the step never waits for the device; the
+        host learns of skipped steps at the next log line (`_check_nonfinite`).
+        Otherwise the flag is read here, which costs nothing on the CPU.
         """
         count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
@@ -180,6 +180,13 @@ class Trainer:
             finite = finite.to(torch.int32)
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             finite = finite.bool()
+        if self.scaler is None and not (self.skip_on_device and self.cfg.solver.grad_clip > 0):
+            # A finite loss can still have a non-finite gradient (an overflow in backward);
+            # stepping on it would put NaN in the weights. The grad scaler, and on the
+            # device path the clipping norm, check this already; otherwise one
+            # multi-tensor norm does. Gradients are averaged over the ranks by now, so
+            # all ranks agree.
+            finite = _and_gradients_finite(finite, self.optimizer)
         if self.skip_on_device:
             finite = self._optimizer_step(finite)
             self._record_nonfinite(finite, totals)
@@ -257,15 +264,16 @@ class Trainer:
     def _nonfinite_reached(self, step: int, terms: str, new: int) -> None:
         limit = self.cfg.solver.max_nonfinite_steps
         if self.nonfinite_steps <= limit:
-            what = "non-finite loss" if new == 1 else f"{new} non-finite losses, the first"
+            what = ("non-finite loss or gradient" if new == 1
+                    else f"{new} non-finite losses or gradients, the first")
             logger.warning("%s at step %d (%s); skipped (%d of %d allowed)", what, step, terms,
                            self.nonfinite_steps, limit)
             return
         path = self.save("last.pth")
         more = f" ({new} non-finite steps from there to step {self.global_step - 1})" if new > 1 else ""
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {self.epoch + 1}, step {step}: {terms}{more}. "
-            f"The last good state is in {path} (steps with a non-finite loss make no update). "
+            f"non-finite loss or gradient at epoch {self.epoch + 1}, step {step}: {terms}{more}. "
+            f"The last good state is in {path} (such steps make no update). "
             f"Lower solver.lr, use solver.precision=fp32 or bf16, set solver.grad_clip, or "
             f"allow skips with solver.max_nonfinite_steps=N.")
 
@@ -452,6 +460,15 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.distributed.all_reduce(stacked)
         stacked /= comm.get_world_size()
     return dict(zip(keys, stacked.tolist()))
+
+
+def _and_gradients_finite(finite: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """`finite` and-ed with "every gradient is finite", on the device (no host sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    if not grads:
+        return finite
+    return finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
 
 def _poison_gradients(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

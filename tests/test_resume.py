@@ -198,6 +198,40 @@ def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monk
     assert re.fullmatch(r"(\w+=[0-9.]+ ?)+", averages), averages  # no nan or inf
 
 
+@pytest.mark.parametrize("kernel,clip", [("foreach", 0.0), ("fused", 0.0), ("foreach", 1.0),
+                                         ("fused", 1.0)])
+def test_finite_loss_with_non_finite_gradient_is_skipped(synth_root, tmp_path, monkeypatch,
+                                                         kernel, clip):
+    """A loss that is finite but whose gradient is not (an overflow in backward) must not
+    reach the weights: the step is skipped and counted like a non-finite loss, with or
+    without gradient clipping, on the host and on the device path."""
+    from model.build import RetrievalModel
+    original = RetrievalModel.forward
+    calls = {"n": 0}
+    params_seen = []
+
+    def forward(self, batch):
+        calls["n"] += 1
+        params_seen.append(self.backbone.visual.proj.detach().clone())
+        losses = original(self, batch)
+        if calls["n"] == 2:  # sqrt at 0: value 0, gradient inf
+            total = self.backbone.visual.proj.sum()
+            losses["itc"] = losses["itc"] + torch.sqrt(total - total.detach())
+        return losses
+    monkeypatch.setattr(RetrievalModel, "forward", forward)
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.max_nonfinite_steps=1", "solver.num_epoch=1",
+                       f"solver.optimizer_kernel={kernel}", f"solver.grad_clip={clip}",
+                       "solver.log_period=3"])
+    ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
+    assert ckpt["nonfinite_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert torch.equal(params_seen[1], params_seen[2])  # step 2 made no update
+    assert not torch.equal(params_seen[2], params_seen[-1])  # the others did
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert "non-finite loss or gradient at step 1 (" in log and "skipped (1 of 1 allowed)" in log
+
+
 def test_gradient_accumulation_matches_the_full_batch_for_per_sample_losses(synth_root, tmp_path):
     """With a per-sample loss (ID), 2 micro-batches of 4 make the same update as one batch of 8.
 
