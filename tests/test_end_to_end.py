@@ -134,15 +134,21 @@ def test_log_lines_tell_a_slow_loader_from_a_slow_step(synth_root, tmp_path, mon
     original = getattr(target, name)
 
     def slowed(*args, **kwargs):
-        time.sleep(0.03 if slow == "data" else 0.2)  # 8 items or 1 step: 0.24 s vs 0.2 s
+        time.sleep(0.05 if slow == "data" else 0.3)  # 8 items or 1 step: 0.4 s vs 0.3 s
         return original(*args, **kwargs)
     monkeypatch.setattr(target, name, slowed)
-    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
-                       "solver.num_epoch=1", "solver.log_period=1", "eval.period=5"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steady step times on a busy machine
+    try:
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                           "solver.num_epoch=1", "solver.log_period=1", "eval.period=5"])
+    finally:
+        torch.set_num_threads(threads)
     log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
-    waits = [int(w) for w in re.findall(r"data wait (\d+)%", log)][1:]  # after the first step
-    assert len(waits) >= 3, log
+    waits = sorted(int(w) for w in re.findall(r"data wait (\d+)%", log))
+    assert len(waits) >= 4, log
+    median = waits[len(waits) // 2]  # robust to a busy machine's outliers
     if slow == "data":
-        assert min(waits) >= 50, waits
+        assert median >= 50, waits
     else:
-        assert max(waits) <= 30, waits
+        assert median <= 30, waits
