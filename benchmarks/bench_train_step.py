@@ -172,7 +172,7 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
     from model import build_model
     from processor.runner import compile_training_model, configure_backends
     from processor.trainer import Trainer
-    from solver import build_optimizer, build_scheduler
+    from solver import build_scheduler, optimizer_from_config
     from utils.misc import autocast
 
     device = torch.device(args.device)
@@ -188,10 +188,7 @@ def run_config(args: argparse.Namespace, precision: str, compiled: bool) -> dict
         model.backbone.visual.conv1.to(memory_format=torch.channels_last)
     augment = BatchAugment(image_size, ImageAugment()) if args.batch_augment else None
     stub = BatchStub(augment, args.channels_last)
-    s = cfg.solver
-    optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-                                lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
-                                betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
+    optimizer = optimizer_from_config(model, cfg.solver)
     scheduler = build_scheduler(optimizer, steps_per_epoch=1000, num_epoch=1, warmup_epochs=0,
                                 warmup_factor=1.0, min_lr_factor=1.0)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -15,7 +15,7 @@ from datasets import (ImageAugment, TextAugment, build_dataset, build_eval_loade
                       build_train_loader)
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
-from solver import build_optimizer, build_scheduler
+from solver import build_scheduler, optimizer_from_config
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import ConfigError, save_config, to_plain
@@ -207,9 +207,7 @@ def run_training(cfg) -> dict:
             gradient_as_bucket_view=True)
     s = cfg.solver
     compile_training_model(ddp_model, cfg)
-    optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-                                lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
-                                betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
+    optimizer = optimizer_from_config(model, cfg.solver)
     scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
                                 warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
                                 min_lr_factor=s.min_lr_factor)

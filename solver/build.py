@@ -67,6 +67,14 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: flo
                          f"use solver.optimizer_kernel=foreach or auto") from err
 
 
+def optimizer_from_config(model: nn.Module, solver_cfg) -> torch.optim.Optimizer:
+    """`build_optimizer` with the settings of a config's `solver` section."""
+    s = solver_cfg
+    return build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                           lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
+                           betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, num_epoch: int,
                     warmup_epochs: float, warmup_factor: float,
                     min_lr_factor: float) -> WarmupCosineSchedule:

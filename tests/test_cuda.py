@@ -78,7 +78,7 @@ def _steps_losses(tmp_path, compile_mode: str | None, accumulation: int, batches
     from model import build_model
     from processor.runner import compile_training_model, configure_backends
     from processor.trainer import Trainer
-    from solver import build_optimizer, build_scheduler
+    from solver import build_scheduler, optimizer_from_config
     from utils.config import load_config
     cfg = load_config(CONFIG, TINY_MODEL + [
         f"device={device}", "moe.dropout=0", "moe.expert_dropout=0", "solver.batch_size=8",
@@ -89,10 +89,7 @@ def _steps_losses(tmp_path, compile_mode: str | None, accumulation: int, batches
     torch.manual_seed(0)
     device = torch.device(device)
     model = build_model(cfg).to(device).train()
-    s = cfg.solver
-    optimizer = build_optimizer(model, name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-                                lr_factor=s.lr_factor, bias_lr_factor=s.bias_lr_factor,
-                                betas=s.betas, eps=s.eps, kernel=s.optimizer_kernel)
+    optimizer = optimizer_from_config(model, cfg.solver)
     scheduler = build_scheduler(optimizer, steps_per_epoch=100, num_epoch=1, warmup_epochs=0,
                                 warmup_factor=1.0, min_lr_factor=1.0)
     compile_training_model(model, cfg)

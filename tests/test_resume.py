@@ -163,25 +163,32 @@ def test_non_finite_loss_stops_with_step_terms_and_last_good_state(synth_root, t
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def _spoil_forward(monkeypatch, spoil) -> list:
+    """Wrap the training forward: `spoil(model, losses, call)` may change the losses of
+    call 1, 2, ...; returns the list of a weight as each call saw it."""
+    from model.build import RetrievalModel
+    original = RetrievalModel.forward
+    params_seen = []
+
+    def forward(self, batch):
+        params_seen.append(self.backbone.visual.proj.detach().clone())
+        losses = original(self, batch)
+        spoil(self, losses, len(params_seen))
+        return losses
+    monkeypatch.setattr(RetrievalModel, "forward", forward)
+    return params_seen
+
+
 @pytest.mark.parametrize("kernel,precision", [("foreach", "fp32"), ("fused", "fp32"),
                                               ("fused", "fp16")])
 def test_non_finite_steps_are_skipped_up_to_the_limit(synth_root, tmp_path, monkeypatch, kernel,
                                                       precision):
     """Steps 2 and 4 have an infinite loss: both are skipped (no update, counted), the run
     finishes, and the logged averages leave them out. (fp16: the grad scaler skips them.)"""
-    from model.build import RetrievalModel
-    original = RetrievalModel.forward
-    calls = {"n": 0}
-    params_seen = []
-
-    def forward(self, batch):
-        calls["n"] += 1
-        params_seen.append(self.backbone.visual.proj.detach().clone())
-        losses = original(self, batch)
-        if calls["n"] in (2, 4):
+    def spoil(model, losses, call):
+        if call in (2, 4):
             losses["itc"] = losses["itc"] * float("inf")
-        return losses
-    monkeypatch.setattr(RetrievalModel, "forward", forward)
+    params_seen = _spoil_forward(monkeypatch, spoil)
     train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
                        "solver.max_nonfinite_steps=2", "solver.num_epoch=1",
                        f"solver.optimizer_kernel={kernel}", "solver.log_period=3",
@@ -205,20 +212,11 @@ def test_finite_loss_with_non_finite_gradient_is_skipped(synth_root, tmp_path, m
     """A loss that is finite but whose gradient is not (an overflow in backward) must not
     reach the weights: the step is skipped and counted like a non-finite loss, with or
     without gradient clipping, on the host and on the device path."""
-    from model.build import RetrievalModel
-    original = RetrievalModel.forward
-    calls = {"n": 0}
-    params_seen = []
-
-    def forward(self, batch):
-        calls["n"] += 1
-        params_seen.append(self.backbone.visual.proj.detach().clone())
-        losses = original(self, batch)
-        if calls["n"] == 2:  # sqrt at 0: value 0, gradient inf
-            total = self.backbone.visual.proj.sum()
+    def spoil(model, losses, call):
+        if call == 2:  # sqrt at 0: value 0, gradient inf
+            total = model.backbone.visual.proj.sum()
             losses["itc"] = losses["itc"] + torch.sqrt(total - total.detach())
-        return losses
-    monkeypatch.setattr(RetrievalModel, "forward", forward)
+    params_seen = _spoil_forward(monkeypatch, spoil)
     train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
                        "solver.max_nonfinite_steps=1", "solver.num_epoch=1",
                        f"solver.optimizer_kernel={kernel}", f"solver.grad_clip={clip}",
