@@ -134,29 +134,12 @@ def configure_backends(cfg) -> None:
     torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
 
 
-def check_compile_config(cfg) -> None:
-    """Refuse compile settings known to train wrongly, before any work is done.
-
-    With CUDA graphs, the gradients of a micro-batch live in the graphs' memory pool
-    and the next micro-batch's replay reuses it: PyTorch's CUDA-graph trees either
-    fail or silently lose the accumulated gradient (pytorch/pytorch#169545).
-    """
-    s = cfg.solver
-    if s.compile and s.compile_mode == "reduce-overhead" and s.accumulation_steps > 1:
-        raise ConfigError(
-            f"solver.compile_mode=reduce-overhead (CUDA graphs) cannot be combined with "
-            f"solver.accumulation_steps={s.accumulation_steps}: CUDA graphs reuse the memory "
-            f"that holds the gradients between micro-batches. Use solver.compile_mode=default, "
-            f"or solver.accumulation_steps=1 with a smaller solver.batch_size")
-
-
 def compile_training_model(model: torch.nn.Module, cfg) -> None:
     """solver.compile: torch.compile the training forward (model + losses).
 
     In place (`nn.Module.compile`), so state-dict keys and `ddp_model.module` stay as
     they are; evaluation calls the uncompiled encoders.
     """
-    check_compile_config(cfg)
     if cfg.solver.compile:
         mode = cfg.solver.compile_mode
         model.compile(mode=None if mode == "default" else mode)
@@ -164,7 +147,6 @@ def compile_training_model(model: torch.nn.Module, cfg) -> None:
 
 def run_training(cfg) -> dict:
     """Train, keep best.pth (val R1) and last.pth, then test best.pth."""
-    check_compile_config(cfg)
     device = resolve_device(cfg.device)
     comm.init_distributed(device)
     run_dir = _prepare_run_folder(cfg)

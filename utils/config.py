@@ -102,6 +102,18 @@ def _check_choices(cfg: Mapping, source: str) -> None:
     if not (device in ("auto", "cpu", "cuda") or
             (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: key 'device' must be auto, cpu, cuda or cuda:N; got {device!r}")
+    solver = cfg["solver"]
+    if solver["compile"] and solver["compile_mode"] == "reduce-overhead" \
+            and solver["accumulation_steps"] > 1:
+        # The first micro-batch's gradients live in the CUDA graphs' memory pool and
+        # the next replay reuses it: PyTorch either fails or silently loses part of the
+        # accumulated gradient (pytorch/pytorch#169545).
+        raise ConfigError(
+            f"{source}: solver.compile_mode=reduce-overhead (CUDA graphs) cannot be combined "
+            f"with solver.accumulation_steps={solver['accumulation_steps']}: CUDA graphs reuse "
+            f"the memory that holds the gradients between micro-batches. Use "
+            f"solver.compile_mode=default, or solver.accumulation_steps=1 with a smaller "
+            f"solver.batch_size")
 
 
 def _merge(base: dict, update: Mapping, source: str, prefix: str = "") -> None:
@@ -189,13 +201,13 @@ def to_plain(cfg: Mapping) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> EasyDict:
-    overrides = list(overrides)
     """Resolve defaults <- `_BASE_` chain <- file <- overrides into one config.
 
     Args:
         path: an experiment YAML file (None: the defaults alone).
         overrides: `key=value` strings with dotted keys, applied last.
     """
+    overrides = list(overrides)
     cfg = _read_yaml(DEFAULTS_PATH)
     if path is not None:
         for file_path, data in _file_chain(Path(path)):
