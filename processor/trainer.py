@@ -180,15 +180,13 @@ class Trainer:
             finite = finite.to(torch.int32)
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             finite = finite.bool()
-        if self.scaler is None and not (self.skip_on_device and self.cfg.solver.grad_clip > 0):
+        if self.scaler is None:
             # A finite loss can still have a non-finite gradient (an overflow in backward);
-            # stepping on it would put NaN in the weights. The grad scaler, and on the
-            # device path the clipping norm, check this already; otherwise one
-            # multi-tensor norm does. Gradients are averaged over the ranks by now, so
-            # all ranks agree.
-            finite = _and_gradients_finite(finite, self.optimizer)
+            # stepping on it would put NaN in the weights. (The grad scaler checks this
+            # itself.) Gradients are averaged over the ranks by now, so all ranks agree.
+            finite = finite & torch.isfinite(self._clip_gradients())
         if self.skip_on_device:
-            finite = self._optimizer_step(finite)
+            self._optimizer_step(finite)
             self._record_nonfinite(finite, totals)
         elif bool(finite):
             self._optimizer_step(None)
@@ -196,21 +194,26 @@ class Trainer:
             self._nonfinite_now(totals)
         return totals, finite
 
-    def _optimizer_step(self, finite: torch.Tensor | None) -> torch.Tensor | None:
-        """Clip, step and schedule. `finite` (a device flag) skips the update when False.
+    def _clip_gradients(self) -> torch.Tensor:
+        """The total gradient norm (one multi-tensor pass), clipped to solver.grad_clip
+        when that is set. On the device: no host sync."""
+        clip = self.cfg.solver.grad_clip
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.core.parameters(), clip)
+        grads = [p.grad for p in self.core.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.stack(torch._foreach_norm(grads)).norm()
 
-        Returns the flag, also False when clipping found a non-finite gradient norm.
-        """
-        cfg = self.cfg.solver
+    def _optimizer_step(self, finite: torch.Tensor | None) -> None:
+        """Step and schedule (under fp16: unscale and clip first). `finite` (a device
+        flag) skips the update when False."""
         if self.scaler is not None:
             if finite is not None:  # the scaler skips (and backs off) on a non-finite grad
                 _poison_gradients(self.optimizer, finite)
             self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
-            if finite is not None and self.scaler is None:
-                finite = finite & torch.isfinite(norm)
-        if self.scaler is not None:
+            if self.cfg.solver.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.solver.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif finite is not None:
@@ -225,7 +228,6 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return finite
 
     # -- non-finite steps -----------------------------------------------------
     def _record_nonfinite(self, finite: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
@@ -460,15 +462,6 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, float]:
         torch.distributed.all_reduce(stacked)
         stacked /= comm.get_world_size()
     return dict(zip(keys, stacked.tolist()))
-
-
-def _and_gradients_finite(finite: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """`finite` and-ed with "every gradient is finite", on the device (no host sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
-    if not grads:
-        return finite
-    return finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
 
 
 def _poison_gradients(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
