@@ -48,6 +48,13 @@ def parse_loss_names(names: str, has_head: bool) -> tuple[str, ...]:
     return parts
 
 
+def _summed_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` summed over the ranks (no autograd)."""
+    out = x.contiguous().clone()
+    dist.all_reduce(out)
+    return out
+
+
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows in rank order. Every rank computes the loss on the whole gathered
     batch, so the gradient of a rank's own rows is the sum over ranks of the gradient of
@@ -63,9 +70,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rows]
+        return _summed_over_ranks(grad)[ctx.rows]
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -73,15 +78,11 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out)
-        return out
+        return _summed_over_ranks(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+        return _summed_over_ranks(grad)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

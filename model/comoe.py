@@ -223,19 +223,20 @@ class CoMoEHead(nn.Module):
                 f"valid must be None or a bool tensor of shape {tuple(tokens.shape[:2])}, "
                 f"got {valid.dtype} {tuple(valid.shape)}"
             )
-        x = tokens
-        if valid is not None:
-            # Padding content (possibly non-finite) must not reach valid positions,
-            # not even as 0 * NaN in the masked attention product.
-            x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        def zero_padding(t: Tensor) -> Tensor:
+            if valid is None:
+                return t
+            return torch.where(valid.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+        # Padding content (possibly non-finite) must not reach valid positions, not
+        # even as 0 * NaN in the masked attention product.
+        x = zero_padding(tokens)
         all_stats = []
         for block in self.blocks:
             x, stats = block(x, valid, modality)
             if stats is not None:
                 all_stats.append(stats)
-        if valid is not None:
-            x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return x, all_stats
+        return zero_padding(x), all_stats
 
 
 def fuse_embedding(global_feat: Tensor, head_tokens: Tensor, valid: Tensor | None,
