@@ -134,6 +134,48 @@ def test_gradients_are_not_tracked():
     assert all(isinstance(value, float) for value in metrics.values())
 
 
+@pytest.fixture
+def callers_threads():
+    """The caller's torch thread count, set to one more than it was (so neither 1 nor a default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    yield threads + 1
+    torch.set_num_threads(threads)
+
+
+def spy_on_rank_keys(monkeypatch, fail: bool = False) -> list[int]:
+    """The torch thread count at each _rank_keys call (inside the ranking loop); raises if `fail`."""
+    import utils.metrics
+    seen, rank_keys = [], utils.metrics._rank_keys
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if fail:
+            raise RuntimeError("ranking failed")
+        return rank_keys(*args, **kwargs)
+
+    monkeypatch.setattr(utils.metrics, "_rank_keys", spy)
+    return seen
+
+
+def test_ranking_runs_on_one_thread_and_restores_the_callers_threads(monkeypatch, callers_threads):
+    similarity, query_pids, gallery_pids = random_problem(11, 60, 45, 7, ties=True)
+    seen = spy_on_rank_keys(monkeypatch)
+    metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=16)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == callers_threads
+    assert_close(metrics, reference_metrics(similarity, query_pids, gallery_pids))
+
+
+def test_callers_threads_are_restored_when_the_ranking_fails(monkeypatch, callers_threads):
+    similarity, query_pids, gallery_pids = random_problem(12, 20, 15, 4, ties=False)
+    seen = spy_on_rank_keys(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="ranking failed"):
+        retrieval_metrics(similarity, query_pids, gallery_pids)
+    assert seen == [1]
+    assert torch.get_num_threads() == callers_threads
+
+
 def test_query_without_relevant_item_is_an_error():
     similarity = torch.randn(5, 4)
     gallery_pids = torch.tensor([0, 1, 1, 2])

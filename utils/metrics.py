@@ -17,10 +17,21 @@ item. With a usable model the candidates are a few percent of the gallery;
 with a random one they are most of it, and the cost approaches one binary
 search per similarity entry -- still no sort, and memory stays bounded by the
 chunk.
+
+Threads: on the CPU the chunk loop runs on one thread (torch's intra-op count is
+set to 1 for the loop and the caller's count is restored afterwards, also on an
+error). Each chunk is a few dozen short ops; when other processes keep the cores
+busy (a training run beside the evaluation), every multi-threaded op waits for
+its OpenMP workers to get CPU time while they spin, and the loop ran 3-5x
+slower than on one thread. On an idle machine the second thread saves a little
+under half of the loop's time. The full-block NaN check and the final sums
+keep the caller's threads: they are single large ops, and the sums then round
+as they always did.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -40,6 +51,20 @@ def _as_tensor(value, name: str) -> torch.Tensor:
         return torch.as_tensor(np.asarray(value))
     raise TypeError(f"retrieval_metrics: {name} must be a torch.Tensor or numpy array, "
                     f"got {type(value).__name__}")
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside the block on the CPU; the caller's count restored on exit."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rank_keys(flat_index: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
@@ -162,53 +187,54 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, ranks: Sequence[int]
     average_precision = torch.empty(num_queries, dtype=torch.float64, device=device)
     inverse_negative_penalty = torch.empty(num_queries, dtype=torch.float64, device=device)
 
-    for begin in range(0, num_queries, rows_per_chunk):
-        end = min(begin + rows_per_chunk, num_queries)
-        num_rows = end - begin
-        scores = similarity[begin:end].to(torch.float32).contiguous()  # C, G
-        flat_scores = scores.view(-1)  # C*G
+    with _one_cpu_thread(device):
+        for begin in range(0, num_queries, rows_per_chunk):
+            end = min(begin + rows_per_chunk, num_queries)
+            num_rows = end - begin
+            scores = similarity[begin:end].to(torch.float32).contiguous()  # C, G
+            flat_scores = scores.view(-1)  # C*G
 
-        # Relevant items, flat and grouped by row: R = sum of per-query counts.
-        num_relevant = query_num_relevant[begin:end]  # C
-        segment_end = num_relevant.cumsum(0)  # C
-        segment_start = segment_end - num_relevant
-        total_relevant = int(segment_end[-1])
-        rel_row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_relevant,
-                                          output_size=total_relevant)  # R
-        within = torch.arange(total_relevant, device=device) - segment_start[rel_row]  # R
-        rel_col = gallery_order[query_relevant_start[begin:end][rel_row] + within]  # R
-        rel_flat = rel_row * num_gallery + rel_col  # R
-        rel_score = flat_scores[rel_flat]  # R
-        # Sorting keeps rows in order, so row q's relevant items still occupy
-        # [segment_start[q], segment_end[q]), now ascending: `within` becomes the
-        # ascending position a, and a = 0 is the row's last-ranked relevant item.
-        rel_key = torch.sort(_rank_keys(rel_flat, rel_row, rel_score, num_gallery)).values  # R
+            # Relevant items, flat and grouped by row: R = sum of per-query counts.
+            num_relevant = query_num_relevant[begin:end]  # C
+            segment_end = num_relevant.cumsum(0)  # C
+            segment_start = segment_end - num_relevant
+            total_relevant = int(segment_end[-1])
+            rel_row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_relevant,
+                                              output_size=total_relevant)  # R
+            within = torch.arange(total_relevant, device=device) - segment_start[rel_row]  # R
+            rel_col = gallery_order[query_relevant_start[begin:end][rel_row] + within]  # R
+            rel_flat = rel_row * num_gallery + rel_col  # R
+            rel_score = flat_scores[rel_flat]  # R
+            # Sorting keeps rows in order, so row q's relevant items still occupy
+            # [segment_start[q], segment_end[q]), now ascending: `within` becomes the
+            # ascending position a, and a = 0 is the row's last-ranked relevant item.
+            rel_key = torch.sort(_rank_keys(rel_flat, rel_row, rel_score, num_gallery)).values  # R
 
-        # Everything ranked before a query's last relevant item scores >= that item.
-        lowest = torch.full((num_rows,), float("inf"), device=device)
-        lowest.scatter_reduce_(0, rel_row, rel_score, reduce="amin")  # C
-        cand = (scores >= lowest[:, None]).view(torch.uint8).view(-1).nonzero().squeeze(1)  # P, flat index
-        cand_row = torch.div(cand, num_gallery, rounding_mode="trunc")  # P
-        cand_key = _rank_keys(cand, cand_row, flat_scores[cand], num_gallery)  # P
+            # Everything ranked before a query's last relevant item scores >= that item.
+            lowest = torch.full((num_rows,), float("inf"), device=device)
+            lowest.scatter_reduce_(0, rel_row, rel_score, reduce="amin")  # C
+            cand = (scores >= lowest[:, None]).view(torch.uint8).view(-1).nonzero().squeeze(1)  # P, flat index
+            cand_row = torch.div(cand, num_gallery, rounding_mode="trunc")  # P
+            cand_key = _rank_keys(cand, cand_row, flat_scores[cand], num_gallery)  # P
 
-        # searchsorted counts the relevant items of its row a candidate outranks,
-        # plus all earlier rows' R; adding the row keeps each row's n_q + 1 bins apart.
-        bins = torch.searchsorted(rel_key, cand_key).add_(cand_row)  # P
-        histogram = torch.bincount(bins, minlength=total_relevant + num_rows)
-        prefix = torch.cat([histogram.new_zeros(1), histogram.cumsum(0)])  # R + C + 1
+            # searchsorted counts the relevant items of its row a candidate outranks,
+            # plus all earlier rows' R; adding the row keeps each row's n_q + 1 bins apart.
+            bins = torch.searchsorted(rel_key, cand_key).add_(cand_row)  # P
+            histogram = torch.bincount(bins, minlength=total_relevant + num_rows)
+            prefix = torch.cat([histogram.new_zeros(1), histogram.cumsum(0)])  # R + C + 1
 
-        # The relevant item at ascending position a is outranked by exactly the
-        # candidates that outrank at least a + 1 of its row's relevant items.
-        row_base = segment_start[rel_row] + rel_row  # R
-        outranked_by = prefix[row_base + num_relevant[rel_row] + 1] - prefix[row_base + within + 1]
-        rank = outranked_by + 1  # R, 1-based
-        hits_so_far = num_relevant[rel_row] - within  # R, relevant items ranked at or before it
+            # The relevant item at ascending position a is outranked by exactly the
+            # candidates that outrank at least a + 1 of its row's relevant items.
+            row_base = segment_start[rel_row] + rel_row  # R
+            outranked_by = prefix[row_base + num_relevant[rel_row] + 1] - prefix[row_base + within + 1]
+            rank = outranked_by + 1  # R, 1-based
+            hits_so_far = num_relevant[rel_row] - within  # R, relevant items ranked at or before it
 
-        precision = torch.zeros(num_rows, max_relevant, dtype=torch.float64, device=device)
-        precision[rel_row, within] = hits_so_far / rank.to(torch.float64)
-        average_precision[begin:end] = precision.sum(1) / num_relevant
-        inverse_negative_penalty[begin:end] = num_relevant / rank[segment_start].to(torch.float64)
-        first_rank[begin:end] = rank[segment_end - 1]
+            precision = torch.zeros(num_rows, max_relevant, dtype=torch.float64, device=device)
+            precision[rel_row, within] = hits_so_far / rank.to(torch.float64)
+            average_precision[begin:end] = precision.sum(1) / num_relevant
+            inverse_negative_penalty[begin:end] = num_relevant / rank[segment_start].to(torch.float64)
+            first_rank[begin:end] = rank[segment_end - 1]
 
     metrics = {f"R{k}": 100.0 * int((first_rank <= k).sum()) / num_queries for k in ranks}
     metrics["mAP"] = 100.0 * float(average_precision.sum()) / num_queries
