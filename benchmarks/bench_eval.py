@@ -23,13 +23,23 @@ computes the similarity (timed separately) and then the metrics, and reports
 its peak resident memory (``ru_maxrss``), so the numbers are for the whole
 process. The last line is the speed ratio of the metric computation.
 
-On a machine shared with other busy processes, OpenMP's default spin-waiting
-slows code made of many short parallel ops (like retrieval_metrics) far more
-than one long argsort: compare ``--threads 1``, or set OMP_WAIT_POLICY=PASSIVE
-(the workers inherit the environment). The header shows the load average.
+The reference holds several (Q, G) tensors at once: about 16 GB at ICFG-PEDES
+size. ``--ref-queries N`` ranks only the first N queries with it (the metric
+time is extrapolated linearly, the agreement checked on those N).
+
+``--neighbour`` measures the speed beside a training run, the usual situation
+of an evaluation: a background process repeats the training step of
+``benchmarks.bench_train_step``'s tiny CoMoE model (fp32, batch 64, 384x128,
+forward, backward and AdamW on one synthetic batch, torch's default threads)
+from before the first worker starts until the last one ends; the table is
+followed by its step rate. On a machine with few cores, OpenMP's spin-waiting
+slows code made of many short parallel ops far more than one long argsort,
+which is why retrieval_metrics ranks on one thread. The header shows the load
+average.
 
     python -m benchmarks.bench_eval                        # both sizes, CPU
     python -m benchmarks.bench_eval --size icfg --ref-queries 4000
+    python -m benchmarks.bench_eval --neighbour --ref-queries 4000 --repeats 3
     python -m benchmarks.bench_eval --device cuda
 """
 
@@ -40,9 +50,11 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="retrieval_metrics chunk_size (default: the library default)")
     parser.add_argument("--repeats", type=int, default=1, help="timed metric runs per process; the best counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--neighbour", action="store_true",
+                        help="run a training step in a loop beside the benchmark (see the module docstring)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "reference", "neighbour"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ref_queries < 0 or args.repeats < 1:
         parser.error("--ref-queries must be >= 0 and --repeats >= 1")
@@ -190,6 +204,58 @@ def run_worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_neighbour() -> None:
+    """Training steps of the tiny CoMoE model until SIGTERM; "ready" after the first, then its rate as JSON."""
+    from benchmarks.bench_train_step import build_config, synthetic_batch
+    from benchmarks.bench_train_step import parse_args as train_step_args
+    from model import build_model
+    from solver import optimizer_from_config
+
+    train_args = train_step_args([])
+    torch.manual_seed(0)
+    cfg = build_config(train_args, "fp32", compiled=False)
+    model = build_model(cfg).train()
+    optimizer = optimizer_from_config(model, cfg.solver)
+    batch = synthetic_batch(train_args.batch_size, tuple(train_args.image_size), model.backbone.vocab_size,
+                            torch.device("cpu"), uint8=False)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    steps, start = -1, time.perf_counter()
+    while not stop:
+        sum(model(batch).values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        if steps == 0:  # the first step builds the optimizer state: not counted
+            print("ready", flush=True)
+            start = time.perf_counter()
+    print(json.dumps({"steps": steps, "seconds": time.perf_counter() - start}), flush=True)
+
+
+@contextmanager
+def neighbour_load(enabled: bool):
+    """Runs `run_neighbour` in a child process for the block; yields a dict that receives its step rate."""
+    if not enabled:
+        yield {}
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_eval", "--worker", "neighbour"],
+                            cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, text=True)
+    rate = {}
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the --neighbour training process failed (exit code {proc.wait()})")
+        yield rate
+    finally:
+        proc.terminate()
+        lines = proc.communicate()[0].strip().splitlines()
+        if lines and lines[-1].startswith("{"):
+            rate.update(json.loads(lines[-1]))
+
+
+def worker_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def spawn(args: argparse.Namespace, impl: str, size: str) -> dict:
     """Run one implementation in a fresh interpreter; its peak RSS is its own."""
     command = [sys.executable, "-m", "benchmarks.bench_eval", "--worker", impl, "--size", size,
@@ -199,8 +265,7 @@ def spawn(args: argparse.Namespace, impl: str, size: str) -> dict:
         command += ["--chunk-size", str(args.chunk_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         hint = " (killed: out of memory? try --ref-queries N)" if proc.returncode in (-9, 137) else ""
         raise SystemExit(f"{impl} worker for size={size} failed with exit code {proc.returncode}{hint}:\n"
@@ -222,6 +287,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.worker == "neighbour":
+        run_neighbour()
+        return {}
     if args.worker:
         print(json.dumps(run_worker(args)))
         return {}
@@ -229,35 +297,40 @@ def main(argv=None) -> dict[str, float]:
         raise SystemExit("--device cuda was requested but CUDA is not available here; use --device cpu")
     sizes = ("icfg", "cuhk") if args.size == "both" else (args.size,)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-          f"(load average {os.getloadavg()[0]:.1f} at start), device={args.device}, features={args.features}")
+          f"(load average {os.getloadavg()[0]:.1f} at start), device={args.device}, features={args.features}"
+          + (", beside a training step in a loop (--neighbour)" if args.neighbour else ""))
 
     rows, notes, ratios, agree = [], [], {}, True
-    for size in sizes:
-        ours = spawn(args, "ours", size)
-        rows.append(ours)
-        if args.skip_reference:
-            continue
-        ref = spawn(args, "reference", size)
-        rows.append(ref)
-        full_queries = SIZES[size][0]
-        expected = ours["metrics"]
-        ref_metric_s = ref["metric_s"]
-        if ref["queries"] < full_queries:
-            expected = ours["subset_metrics"]
-            ref_metric_s *= full_queries / ref["queries"]
-            notes.append(f"{size}: reference ran on the first {ref['queries']} of {full_queries} queries; its "
-                         f"metric time is extrapolated linearly to {ref_metric_s:.2f} s, its peak RSS is for the "
-                         f"subset, and agreement is checked on that subset")
-        diff = max(abs(expected[k] - ref["metrics"][k]) for k in METRIC_KEYS)
-        agree &= diff <= TOLERANCE
-        status = "OK" if diff <= TOLERANCE else "MISMATCH"
-        notes.append(f"{size}: max |ours - reference| over {', '.join(METRIC_KEYS)} = {diff:.2e} ({status}, "
-                     f"tolerance {TOLERANCE:g})")
-        ratios[size] = ref_metric_s / ours["metric_s"]
+    with neighbour_load(args.neighbour) as neighbour:
+        for size in sizes:
+            ours = spawn(args, "ours", size)
+            rows.append(ours)
+            if args.skip_reference:
+                continue
+            ref = spawn(args, "reference", size)
+            rows.append(ref)
+            full_queries = SIZES[size][0]
+            expected = ours["metrics"]
+            ref_metric_s = ref["metric_s"]
+            if ref["queries"] < full_queries:
+                expected = ours["subset_metrics"]
+                ref_metric_s *= full_queries / ref["queries"]
+                notes.append(f"{size}: reference ran on the first {ref['queries']} of {full_queries} queries; its "
+                             f"metric time is extrapolated linearly to {ref_metric_s:.2f} s, its peak RSS is for "
+                             f"the subset, and agreement is checked on that subset")
+            diff = max(abs(expected[k] - ref["metrics"][k]) for k in METRIC_KEYS)
+            agree &= diff <= TOLERANCE
+            status = "OK" if diff <= TOLERANCE else "MISMATCH"
+            notes.append(f"{size}: max |ours - reference| over {', '.join(METRIC_KEYS)} = {diff:.2e} ({status}, "
+                         f"tolerance {TOLERANCE:g})")
+            ratios[size] = ref_metric_s / ours["metric_s"]
 
     print_table(rows)
     for note in notes:
         print(note)
+    if neighbour:
+        print(f"neighbour: {neighbour['steps']} training steps in {neighbour['seconds']:.0f} s after its first "
+              f"({neighbour['seconds'] / max(neighbour['steps'], 1):.2f} s per step)")
     if ratios:
         print("speed ratio (reference metric time / retrieval_metrics time): "
               + ", ".join(f"{size} {ratio:.1f}x" for size, ratio in ratios.items()))
