@@ -1,6 +1,9 @@
 """retrieval_metrics against a slow, obviously-correct per-query loop and hand-computed cases."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -143,13 +146,19 @@ def callers_threads():
     torch.set_num_threads(threads)
 
 
-def spy_on_rank_keys(monkeypatch, fail: bool = False) -> list[int]:
-    """The torch thread count at each _rank_keys call (inside the ranking loop); raises if `fail`."""
+def threads_of_a_new_thread() -> int:
+    """torch's thread count in a thread started now: it starts from the count last set in any thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(torch.get_num_threads).result()
+
+
+def spy_on_rank_keys(monkeypatch, fail: bool = False) -> list[tuple[int, int]]:
+    """(thread id, torch thread count) at each _rank_keys call, i.e. inside a chunk; raises if `fail`."""
     import utils.metrics
     seen, rank_keys = [], utils.metrics._rank_keys
 
     def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
+        seen.append((threading.get_ident(), torch.get_num_threads()))
         if fail:
             raise RuntimeError("ranking failed")
         return rank_keys(*args, **kwargs)
@@ -158,12 +167,16 @@ def spy_on_rank_keys(monkeypatch, fail: bool = False) -> list[int]:
     return seen
 
 
-def test_ranking_runs_on_one_thread_and_restores_the_callers_threads(monkeypatch, callers_threads):
+def test_chunks_are_shared_by_threads_that_run_torch_on_one_thread(monkeypatch, callers_threads):
     similarity, query_pids, gallery_pids = random_problem(11, 60, 45, 7, ties=True)
     seen = spy_on_rank_keys(monkeypatch)
-    metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=16)
-    assert seen and set(seen) == {1}
+    metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=4)
+    assert len(seen) == 2 * 15  # two calls per chunk
+    assert {count for _, count in seen} == {1}
+    assert threading.get_ident() not in {thread for thread, _ in seen}
+    assert len({thread for thread, _ in seen}) <= callers_threads
     assert torch.get_num_threads() == callers_threads
+    assert threads_of_a_new_thread() == callers_threads
     assert_close(metrics, reference_metrics(similarity, query_pids, gallery_pids))
 
 
@@ -171,9 +184,23 @@ def test_callers_threads_are_restored_when_the_ranking_fails(monkeypatch, caller
     similarity, query_pids, gallery_pids = random_problem(12, 20, 15, 4, ties=False)
     seen = spy_on_rank_keys(monkeypatch, fail=True)
     with pytest.raises(RuntimeError, match="ranking failed"):
-        retrieval_metrics(similarity, query_pids, gallery_pids)
-    assert seen == [1]
+        retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=5)
+    assert seen and {count for _, count in seen} == {1}
     assert torch.get_num_threads() == callers_threads
+    assert threads_of_a_new_thread() == callers_threads
+
+
+def test_one_caller_thread_ranks_in_the_callers_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        similarity, query_pids, gallery_pids = random_problem(13, 30, 20, 5, ties=True)
+        seen = spy_on_rank_keys(monkeypatch)
+        metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=7)
+        assert {thread for thread, _ in seen} == {threading.get_ident()}
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(metrics, reference_metrics(similarity, query_pids, gallery_pids))
 
 
 def test_query_without_relevant_item_is_an_error():
