@@ -34,8 +34,8 @@ forward, backward and AdamW on one synthetic batch, torch's default threads)
 from before the first worker starts until the last one ends; the table is
 followed by its step rate. On a machine with few cores, OpenMP's spin-waiting
 slows code made of many short parallel ops far more than one long argsort,
-which is why retrieval_metrics ranks on one thread. The header shows the load
-average.
+which is why retrieval_metrics shares whole chunks among threads that each run
+torch on one thread. The header shows the load average.
 
     python -m benchmarks.bench_eval                        # both sizes, CPU
     python -m benchmarks.bench_eval --size icfg --ref-queries 4000
