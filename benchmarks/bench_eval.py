@@ -21,7 +21,10 @@ the costliest case for the candidate-based ranking.
 Each implementation runs in its own subprocess, which builds the embeddings,
 computes the similarity (timed separately) and then the metrics, and reports
 its peak resident memory (``ru_maxrss``), so the numbers are for the whole
-process. The last line is the speed ratio of the metric computation.
+process. A third subprocess times the two alternately on one similarity block,
+``--repeats`` rounds: the last line is the median of their speed ratios per
+round, which compares them under the same load (the line above it divides the
+best times of the separate processes, taken at different moments).
 
 The reference holds several (Q, G) tensors at once: about 16 GB at ICFG-PEDES
 size. ``--ref-queries N`` ranks only the first N queries with it (the metric
@@ -51,6 +54,7 @@ import os
 import platform
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -86,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--neighbour", action="store_true",
                         help="run a training step in a loop beside the benchmark (see the module docstring)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=("ours", "reference", "neighbour"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "reference", "paired", "neighbour"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ref_queries < 0 or args.repeats < 1:
         parser.error("--ref-queries must be >= 0 and --repeats >= 1")
@@ -148,6 +152,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def implementations(chunk_size: int | None) -> dict:
+    """{"ours": retrieval_metrics, "reference": reference_rank}, both (sim, q_pids, g_pids) -> metrics dict."""
+    from utils.metrics import retrieval_metrics
+    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+
+    def ours(sim, qp, gp):
+        return retrieval_metrics(sim, qp, gp, **kwargs)
+
+    def reference(sim, qp, gp):
+        cmc, mAP, mINP = reference_rank(sim, qp, gp)
+        return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]), "mAP": float(mAP),
+                "mINP": float(mINP)}
+
+    return {"ours": ours, "reference": reference}
+
+
+def timed(device: torch.device, fn, *args):
+    """(seconds, fn(*args)), with the device synchronised on both sides."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     """Build the data, time the similarity and the metrics, report everything as a dict."""
     if args.threads:
@@ -160,36 +189,19 @@ def run_worker(args: argparse.Namespace) -> dict:
     if args.worker == "reference" and args.ref_queries:
         timed_queries = min(args.ref_queries, num_queries)
         queries, query_pids = queries[:timed_queries], query_pids[:timed_queries]
-
-    from utils.metrics import retrieval_metrics
-    kwargs = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
-    if args.worker == "ours":
-        def compute(sim, qp, gp):
-            return retrieval_metrics(sim, qp, gp, **kwargs)
-    else:
-        def compute(sim, qp, gp):
-            cmc, mAP, mINP = reference_rank(sim, qp, gp)
-            return {"R1": float(cmc[0]), "R5": float(cmc[4]), "R10": float(cmc[9]),
-                    "mAP": float(mAP), "mINP": float(mINP)}
+    impls = implementations(args.chunk_size)
+    compute = impls[args.worker]
 
     # Warm-up on a small block: thread pools, allocator, lazy CUDA init.
     compute(queries[:64] @ gallery.t(), query_pids[:64], gallery_pids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    _sync(device)
-    start = time.perf_counter()
-    similarity = queries @ gallery.t()  # Q, G
-    _sync(device)
-    similarity_s = time.perf_counter() - start
-
+    similarity_s, similarity = timed(device, torch.matmul, queries, gallery.t())  # Q, G
     metric_s = float("inf")
     for _ in range(args.repeats):
-        _sync(device)
-        start = time.perf_counter()
-        metrics = compute(similarity, query_pids, gallery_pids)
-        _sync(device)
-        metric_s = min(metric_s, time.perf_counter() - start)
+        seconds, metrics = timed(device, compute, similarity, query_pids, gallery_pids)
+        metric_s = min(metric_s, seconds)
 
     result = {"impl": args.worker, "size": args.size, "queries": timed_queries, "gallery": num_gallery,
               "similarity_s": similarity_s, "metric_s": metric_s, "metrics": metrics,
@@ -200,8 +212,36 @@ def run_worker(args: argparse.Namespace) -> dict:
     if args.worker == "ours" and args.ref_queries:
         # The same subset the reference ranked, for the agreement check.
         subset = min(args.ref_queries, num_queries)
-        result["subset_metrics"] = retrieval_metrics(similarity[:subset], query_pids[:subset], gallery_pids, **kwargs)
+        result["subset_metrics"] = compute(similarity[:subset], query_pids[:subset], gallery_pids)
     return result
+
+
+def run_paired(args: argparse.Namespace) -> dict:
+    """Speed ratios from one process: the two implementations alternate on one block, round by round.
+
+    Side by side they see the same load, which the separate workers (there for
+    their peak memory) do not: beside a busy neighbour their times come from
+    different moments. The reference ranks the first --ref-queries queries and
+    its time is scaled to all of them.
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    num_queries, num_gallery, num_ids = SIZES[args.size]
+    queries, gallery, query_pids, gallery_pids = make_embeddings(
+        num_queries, num_gallery, num_ids, args.features, args.seed, device)
+    ref_queries = min(args.ref_queries or num_queries, num_queries)
+    impls = implementations(args.chunk_size)
+    for compute in impls.values():
+        compute(queries[:64] @ gallery.t(), query_pids[:64], gallery_pids)
+    similarity = queries @ gallery.t()  # Q, G
+    ratios = []
+    for _ in range(args.repeats):
+        ours_s, _ = timed(device, impls["ours"], similarity, query_pids, gallery_pids)
+        reference_s, _ = timed(device, impls["reference"], similarity[:ref_queries], query_pids[:ref_queries],
+                               gallery_pids)
+        ratios.append(reference_s * num_queries / ref_queries / ours_s)
+    return {"ratios": ratios}
 
 
 def run_neighbour() -> None:
@@ -286,12 +326,13 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> dict[str, float]:
+    """Runs the benchmark; returns the one-process speed ratio (median) of each size."""
     args = parse_args(argv)
     if args.worker == "neighbour":
         run_neighbour()
         return {}
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        print(json.dumps(run_paired(args) if args.worker == "paired" else run_worker(args)))
         return {}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but CUDA is not available here; use --device cpu")
@@ -300,7 +341,7 @@ def main(argv=None) -> dict[str, float]:
           f"(load average {os.getloadavg()[0]:.1f} at start), device={args.device}, features={args.features}"
           + (", beside a training step in a loop (--neighbour)" if args.neighbour else ""))
 
-    rows, notes, ratios, agree = [], [], {}, True
+    rows, notes, ratios, paired, agree = [], [], {}, {}, True
     with neighbour_load(args.neighbour) as neighbour:
         for size in sizes:
             ours = spawn(args, "ours", size)
@@ -324,6 +365,7 @@ def main(argv=None) -> dict[str, float]:
             notes.append(f"{size}: max |ours - reference| over {', '.join(METRIC_KEYS)} = {diff:.2e} ({status}, "
                          f"tolerance {TOLERANCE:g})")
             ratios[size] = ref_metric_s / ours["metric_s"]
+            paired[size] = spawn(args, "paired", size)["ratios"]
 
     print_table(rows)
     for note in notes:
@@ -332,11 +374,14 @@ def main(argv=None) -> dict[str, float]:
         print(f"neighbour: {neighbour['steps']} training steps in {neighbour['seconds']:.0f} s after its first "
               f"({neighbour['seconds'] / max(neighbour['steps'], 1):.2f} s per step)")
     if ratios:
-        print("speed ratio (reference metric time / retrieval_metrics time): "
-              + ", ".join(f"{size} {ratio:.1f}x" for size, ratio in ratios.items()))
+        print(f"speed ratio (reference metric time / retrieval_metrics time), separate processes, best of "
+              f"{args.repeats}: " + ", ".join(f"{size} {ratio:.1f}x" for size, ratio in ratios.items()))
+        print(f"speed ratio in one process, the two alternating, median of {args.repeats} rounds (lowest-highest): "
+              + ", ".join(f"{size} {statistics.median(r):.1f}x ({min(r):.1f}-{max(r):.1f}x)"
+                          for size, r in paired.items()))
     if not agree:
         raise SystemExit(1)
-    return ratios
+    return {size: statistics.median(r) for size, r in paired.items()}
 
 
 if __name__ == "__main__":
