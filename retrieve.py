@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """{"queries": [{"query", "matches": [(path, score)], "figure"}], "gallery": stats}."""
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
     from datasets.transforms import build_eval_transform
     from utils.gallery import gallery_cache_key, index_gallery, search_gallery
     from utils.tokenizer import tokenize

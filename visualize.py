@@ -77,6 +77,8 @@ def _run_dir(path: str) -> Path:
 def main(argv=None) -> dict:
     """{"queries": [RankedQuery...], "figures": [paths], "routing": path?, "compare": path?}."""
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
     from utils import visualization as vis
 
     run_dir = _run_dir(args.config_file) if args.config_file else _run_dir(args.compare[0])

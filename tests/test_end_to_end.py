@@ -7,12 +7,16 @@ import re
 import pytest
 import torch
 
+import cli
+import retrieve
 import test as test_script
 import train as train_script
+import visualize
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
 from utils.config import ConfigError
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.misc import UnsupportedTorchError, require_torch
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -152,3 +156,25 @@ def test_log_lines_tell_a_slow_loader_from_a_slow_step(synth_root, tmp_path, mon
         assert median >= 50, waits
     else:
         assert median <= 30, waits
+
+
+@pytest.mark.parametrize("script", [train_script, test_script, visualize, retrieve])
+def test_entry_points_refuse_torch_older_than_2_6(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    argv = ["--config_file", str(tmp_path / "configs.yaml")]
+    if script is retrieve:
+        argv += ["--gallery", str(tmp_path), "--query", "a man"]
+    with pytest.raises(UnsupportedTorchError, match=r"torch 2\.5\.1\+cu124 is installed but this "
+                                                    r"code needs torch>=2\.6.*CVE-2025-32434"):
+        script.main(argv)
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv])
+    assert cli.run_cli(script.main) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_torch_version_floor_compares_numbers():
+    for version in ("2.6.0", "2.6.0+cu124", "2.10.1", "3.0.0a0"):
+        require_torch(version)
+    for version in ("2.5.1", "1.13.1+cpu", "2.1", "unknown"):
+        with pytest.raises(UnsupportedTorchError, match=f"torch {re.escape(version)} is installed"):
+            require_torch(version)
