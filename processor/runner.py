@@ -200,7 +200,7 @@ def run_training(cfg) -> dict:
         trainer.resume(run_dir / "last.pth")
     trainer.train()
     if val is None:
-        trainer.save("best.pth")
+        trainer.save("best.pth", trainer.model_state())
     comm.barrier()
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
                 trainer.best_epoch)

@@ -93,6 +93,17 @@ class Trainer:
             "config": to_plain(self.cfg),
         }
 
+    def model_state(self, metrics: dict | None = None) -> dict:
+        """What evaluating the model needs (best.pth): its weights, the config, the epoch,
+        the number of identity classes and the validation metrics it was chosen on."""
+        return {
+            "model": self.core.state_dict(),
+            "config": to_plain(self.cfg),
+            "epoch": self.epoch,
+            "num_classes": self.num_classes,
+            "metrics": metrics,
+        }
+
     def _unreported_nonfinite(self) -> int:
         return 0 if self._bad_count is None else int(self._bad_count) - self._bad_reported
 
@@ -441,7 +452,7 @@ class Trainer:
             log_expert_usage(self.tb, result.get("experts"), self.epoch, prefix="val")
         if r1 > self.best_metric:
             self.best_metric, self.best_epoch = r1, self.epoch
-            self.save("best.pth")
+            self.save("best.pth", self.model_state({"split": "val", "t2i": result["t2i"]}))
             logger.info("new best val R1 %.2f at epoch %d -> best.pth", r1, self.epoch)
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import train as train_script
 import visualize
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
+from processor.trainer import Trainer
 from utils.config import ConfigError
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.misc import UnsupportedTorchError, require_torch
@@ -61,6 +65,56 @@ def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
     ckpt = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
     assert ckpt["config"]["name"] == "tiny" and ckpt["num_classes"] > 0
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+MODEL_ONLY = {"model", "config", "epoch", "num_classes", "metrics"}
+
+
+def test_best_pth_holds_the_model_only_and_full_files_still_load(synth_root, tmp_path):
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "slim"),
+                       "solver.num_epoch=1"])
+    run = tmp_path / "CUHK-PEDES" / "slim"
+    best = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
+    last = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    assert set(best) == MODEL_ONLY
+    assert best["metrics"]["split"] == "val" and 0 <= best["metrics"]["t2i"]["R1"] <= 100
+    assert best["epoch"] == 1 and best["num_classes"] == last["num_classes"] > 0
+    assert {"optimizer", "scheduler", "rng"} <= set(last)
+    assert (run / "best.pth").stat().st_size < 0.5 * (run / "last.pth").stat().st_size
+    saved = json.loads((run / "test_metrics.json").read_text())
+    # One epoch: best and last hold the same weights; a full-state best.pth, as earlier
+    # versions wrote it, scores the same.
+    shutil.copyfile(run / "last.pth", run / "best.pth")
+    again = test_script.main(["--config_file", str(run / "configs.yaml")])
+    assert again["t2i"] == pytest.approx(saved["t2i"], abs=1e-6)
+
+
+def test_runs_without_validation_and_resumes_leave_no_stale_temporaries(synth_root, tmp_path,
+                                                                        monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = [f".last.pth.tmp-{gone.pid}", f".best.pth.tmp-{gone.pid}"]
+    train_epoch = Trainer._train_epoch
+
+    def epoch_then_leftovers(self, sampler):  # what a writer killed mid-save leaves behind
+        train_epoch(self, sampler)
+        for name in stale:
+            (self.run_dir / name).write_bytes(b"\0" * 4096)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", epoch_then_leftovers)
+    overrides = tiny_overrides(synth_root, tmp_path, "noval") + ["dataset.val_ids=0",
+                                                                 "solver.num_epoch=1"]
+    train_script.main(["--config_file", CONFIG, *overrides])
+    run = tmp_path / "CUHK-PEDES" / "noval"
+    assert not list(run.glob(".*.tmp-*"))  # swept after the epoch's save
+    best = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
+    assert set(best) == MODEL_ONLY and best["metrics"] is None and best["epoch"] == 1
+
+    monkeypatch.undo()
+    for name in stale:
+        (run / name).write_bytes(b"\0" * 4096)
+    train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true"])
+    assert not list(run.glob(".*.tmp-*"))  # swept at the start
 
 
 def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
