@@ -126,7 +126,8 @@ def _stays_inside(rel: str) -> bool:
     Symbolic links placed inside the folder are the user's own layout and are followed.
     """
     posix = rel.replace("\\", "/")
-    if "\x00" in rel or os.path.isabs(rel) or posixpath.isabs(posix) or re.match(r"[A-Za-z]:", posix):
+    if ("\x00" in rel or os.path.isabs(rel) or posixpath.isabs(posix)
+            or re.match(r"[A-Za-z]:", posix)):
         return False
     normal = posixpath.normpath(posix)
     return normal not in (".", "..") and not normal.startswith("../")
@@ -269,7 +270,8 @@ class PedesDataset:
             problems.append(f"{where}: field {cls.path_field!r} must be a non-empty path, got {image!r}")
         elif not _stays_inside(image):
             problems.append(f"{where}: field {cls.path_field!r} is {image!r}, which points outside "
-                            f"{cls.folder}/imgs/; image paths must be relative to that folder and stay in it")
+                            f"{cls.folder}/imgs/; image paths must be relative to that folder "
+                            f"and stay in it")
         if not isinstance(captions, list) or not captions:
             problems.append(f"{where}: field 'captions' must be a non-empty list of strings, got {captions!r:.80}")
         elif not all(isinstance(c, str) for c in captions):

@@ -137,14 +137,14 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
                     hooks: Any, metadata: Any = None) -> _TensorRecord:
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError(f"a tensor built on a {type(storage).__name__}")
-    numbers = [offset, *size, *stride] if isinstance(size, tuple) and isinstance(stride, tuple) else None
-    if numbers is None or not all(type(n) is int for n in numbers) or len(size) != len(stride):
+    shaped = isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+    if not shaped or not all(type(n) is int for n in (offset, *size, *stride)):
         raise pickle.UnpicklingError(f"a tensor with size {size!r:.60} and stride {stride!r:.60}")
     return _TensorRecord(storage.as_strided(size, stride, offset))
 
 
 def _class_declarations(source: str) -> dict[str, tuple[bool, list[str], list[str]]]:
-    """{class name: (is a Module, __parameters__, __buffers__)} of one code file, read as literals."""
+    """{class name: (is a Module, __parameters__, __buffers__)} of one code file (literals only)."""
     found = {}
     for node in ast.parse(source).body:
         if not isinstance(node, ast.ClassDef):
@@ -186,8 +186,8 @@ class _ModuleTree:
 
     def state_dict(self, root: Any) -> dict[str, torch.Tensor]:
         if not isinstance(root, _ScriptObject) or not self.declaration(root.qualified_name)[0]:
-            raise ValueError(f"data.pkl holds a {getattr(root, 'qualified_name', type(root).__name__)}, "
-                             f"not a module")
+            what = getattr(root, "qualified_name", type(root).__name__)
+            raise ValueError(f"data.pkl holds a {what}, not a module")
         out: dict[str, torch.Tensor] = {}
         self._collect(root, "", out, set())
         return out

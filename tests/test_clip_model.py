@@ -370,7 +370,8 @@ def test_torchscript_archives_are_read_as_data_with_jit_state_dict_names(tmp_pat
         state_dict = read_script_state_dict(path)
         assert list(state_dict) == list(reference), path.name
         for name, tensor in reference.items():
-            assert state_dict[name].dtype == tensor.dtype and torch.equal(state_dict[name], tensor), name
+            assert state_dict[name].dtype == tensor.dtype, name
+            assert torch.equal(state_dict[name], tensor), name
     assert "plain" not in references[1] and "blocks.0.bias" not in references[1]
     model = build_tiny_from(archives[0])
     for name, tensor in source.state_dict().items():
@@ -381,8 +382,9 @@ def test_torchscript_archives_are_read_as_data_with_jit_state_dict_names(tmp_pat
 def test_torchscript_archive_code_never_runs(tmp_path):
     marker = tmp_path / "written_by_the_archive"
     path = script_and_save(WritesOnLoad(str(marker)), tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match=r"evil\.pt was not loaded.*__torch__\.\S*WritesOnLoad "
-                                              r"restores its objects with its own code"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt was not loaded.*__torch__\.\S*"
+                                              r"WritesOnLoad restores its objects with its own "
+                                              r"code"):
         build_tiny_from(path)
     assert not marker.exists()
 
@@ -414,7 +416,8 @@ def test_archive_pickle_may_only_build_tensors_and_plain_data(tmp_path):
         for item in source.infolist():
             if item.filename != "traced/data/0":
                 target.writestr(item, source.read(item))
-    with pytest.raises(CheckpointError, match=r"refers to traced/data/0, which the archive does not hold"):
+    with pytest.raises(CheckpointError, match=r"refers to traced/data/0, which the archive "
+                                              r"does not hold"):
         load_state_dict_file(broken)
 
 
