@@ -20,6 +20,7 @@ folders side by side. Figures go to RUN/vis/ (or --out); their paths are printed
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -132,7 +133,7 @@ def _rank_queries(args, out_dir: Path, figures: list) -> list:
     columns = min(args.topk, MAX_FIGURE_COLUMNS)
     for q in queries:
         name = f"query_{q.index}.png" if q.index is not None else f"text_{slugify(q.caption)}.png"
-        figures.append(render_query(q, out_dir / name, columns))
+        figures.append(render_query(q, out_dir / name, columns, math.ceil(len(q.paths) / columns)))
     return queries
 
 
