@@ -20,6 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
     from processor.runner import run_training
     from utils.config import load_config
     cfg = load_config(args.config_file, args.opts)

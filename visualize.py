@@ -20,6 +20,7 @@ folders side by side. Figures go to RUN/vis/ (or --out); their paths are printed
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def _run_dir(path: str) -> Path:
 def main(argv=None) -> dict:
     """{"queries": [RankedQuery...], "figures": [paths], "routing": path?, "compare": path?}."""
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
     from utils import visualization as vis
 
     run_dir = _run_dir(args.config_file) if args.config_file else _run_dir(args.compare[0])
@@ -130,7 +133,7 @@ def _rank_queries(args, out_dir: Path, figures: list) -> list:
     columns = min(args.topk, MAX_FIGURE_COLUMNS)
     for q in queries:
         name = f"query_{q.index}.png" if q.index is not None else f"text_{slugify(q.caption)}.png"
-        figures.append(render_query(q, out_dir / name, columns))
+        figures.append(render_query(q, out_dir / name, columns, math.ceil(len(q.paths) / columns)))
     return queries
 
 

@@ -17,6 +17,8 @@ import collections
 import json
 import logging
 import os
+import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -114,6 +116,21 @@ def _json_entry_error(path: str, text: str, err: json.JSONDecodeError) -> str:
         index += 1
     return (f"{path} is not valid JSON: {err.msg} at {where}, in entry {index} of the list "
             f"(0-based). Fix or re-export that entry.")
+
+
+def _stays_inside(rel: str) -> bool:
+    """Whether image path `rel`, joined to the image folder, names something inside it.
+
+    Decided on the normalised path (the one that is opened), with backslashes read
+    as separators and drive letters refused, so `CUHK01/../../x.png` is outside.
+    Symbolic links placed inside the folder are the user's own layout and are followed.
+    """
+    posix = rel.replace("\\", "/")
+    if ("\x00" in rel or os.path.isabs(rel) or posixpath.isabs(posix)
+            or re.match(r"[A-Za-z]:", posix)):
+        return False
+    normal = posixpath.normpath(posix)
+    return normal not in (".", "..") and not normal.startswith("../")
 
 
 def _list_examples(items: Sequence, limit: int = MAX_LISTED) -> str:
@@ -251,8 +268,10 @@ class PedesDataset:
             problems.append(f"{where}: field 'id' must be an integer, got {pid!r}")
         if not isinstance(image, str) or not image:
             problems.append(f"{where}: field {cls.path_field!r} must be a non-empty path, got {image!r}")
-        elif os.path.isabs(image) or image.replace("\\", "/").startswith("../"):
-            problems.append(f"{where}: field {cls.path_field!r} is {image!r}; it must be relative to imgs/")
+        elif not _stays_inside(image):
+            problems.append(f"{where}: field {cls.path_field!r} is {image!r}, which points outside "
+                            f"{cls.folder}/imgs/; image paths must be relative to that folder "
+                            f"and stay in it")
         if not isinstance(captions, list) or not captions:
             problems.append(f"{where}: field 'captions' must be a non-empty list of strings, got {captions!r:.80}")
         elif not all(isinstance(c, str) for c in captions):

@@ -22,7 +22,6 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from .script_archive import read_script_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +324,9 @@ def _is_torchscript_archive(path: Path) -> bool:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read CLIP weights from an OpenAI TorchScript archive or a torch.save file.
 
+    Neither is executed: the archive is read as data (``model.script_archive``),
+    a torch.save file with ``weights_only=True``.
+
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers, strips
     ``module.`` prefixes, drops the archive's non-parameter entries and upcasts
     floating tensors to fp32.
@@ -331,11 +335,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights file not found: {path}")
     if _is_torchscript_archive(path):
-        # OpenAI publishes TorchScript archives; torch.jit.load is the only reader,
-        # so its deprecation notice tells the user nothing actionable.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        # OpenAI publishes TorchScript archives; torch.jit.load would run their code.
+        state_dict = read_script_state_dict(path)
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -200,8 +199,8 @@ def run_training(cfg) -> dict:
     if cfg.resume:
         trainer.resume(run_dir / "last.pth")
     trainer.train()
-    if comm.is_main_process() and val is None:
-        shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth")
+    if val is None:
+        trainer.save("best.pth", trainer.model_state())
     comm.barrier()
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
                 trainer.best_epoch)

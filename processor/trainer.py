@@ -15,7 +15,7 @@ from torch import nn
 from datasets import BadImageError
 from utils import comm
 from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
-                              load_model_state, restore_rng_state)
+                              load_model_state, restore_rng_state, sweep_temporaries)
 from utils.config import to_plain
 from utils.meter import MeterDict
 from utils.misc import autocast
@@ -76,6 +76,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------
     def state(self) -> dict:
+        """The full training state (last.pth): everything `resume` restores."""
         return {
             "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -92,14 +93,28 @@ class Trainer:
             "config": to_plain(self.cfg),
         }
 
+    def model_state(self, metrics: dict | None = None) -> dict:
+        """What evaluating the model needs (best.pth): its weights, the config, the epoch,
+        the number of identity classes and the validation metrics it was chosen on."""
+        return {
+            "model": self.core.state_dict(),
+            "config": to_plain(self.cfg),
+            "epoch": self.epoch,
+            "num_classes": self.num_classes,
+            "metrics": metrics,
+        }
+
     def _unreported_nonfinite(self) -> int:
         return 0 if self._bad_count is None else int(self._bad_count) - self._bad_reported
 
-    def save(self, name: str) -> Path | None:
+    def save(self, name: str, state: dict | None = None) -> Path | None:
+        """Write `state` (default: the full training state) to run_dir/name atomically, on
+        rank 0 only, then remove temporary files that interrupted writes left there."""
         if not comm.is_main_process():
             return None
         path = self.run_dir / name
-        atomic_save(self.state(), path)
+        atomic_save(self.state() if state is None else state, path)
+        sweep_temporaries(self.run_dir)
         return path
 
     def resume(self, path: Path) -> None:
@@ -284,6 +299,8 @@ class Trainer:
         cfg = self.cfg
         num_epoch = cfg.solver.num_epoch
         sampler = self.train_loader.batch_sampler
+        if comm.is_main_process():
+            sweep_temporaries(self.run_dir)
         previous_handlers = self._install_signal_handlers()
         try:
             while self.epoch < num_epoch:
@@ -435,7 +452,7 @@ class Trainer:
             log_expert_usage(self.tb, result.get("experts"), self.epoch, prefix="val")
         if r1 > self.best_metric:
             self.best_metric, self.best_epoch = r1, self.epoch
-            self.save("best.pth")
+            self.save("best.pth", self.model_state({"split": "val", "t2i": result["t2i"]}))
             logger.info("new best val R1 %.2f at epoch %d -> best.pth", r1, self.epoch)
 
 

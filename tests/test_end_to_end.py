@@ -3,16 +3,24 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import cli
+import retrieve
 import test as test_script
 import train as train_script
+import visualize
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
+from processor.trainer import Trainer
 from utils.config import ConfigError
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.misc import UnsupportedTorchError, require_torch
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
 
@@ -57,6 +65,56 @@ def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
     ckpt = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
     assert ckpt["config"]["name"] == "tiny" and ckpt["num_classes"] > 0
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+MODEL_ONLY = {"model", "config", "epoch", "num_classes", "metrics"}
+
+
+def test_best_pth_holds_the_model_only_and_full_files_still_load(synth_root, tmp_path):
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "slim"),
+                       "solver.num_epoch=1"])
+    run = tmp_path / "CUHK-PEDES" / "slim"
+    best = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
+    last = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    assert set(best) == MODEL_ONLY
+    assert best["metrics"]["split"] == "val" and 0 <= best["metrics"]["t2i"]["R1"] <= 100
+    assert best["epoch"] == 1 and best["num_classes"] == last["num_classes"] > 0
+    assert {"optimizer", "scheduler", "rng"} <= set(last)
+    assert (run / "best.pth").stat().st_size < 0.5 * (run / "last.pth").stat().st_size
+    saved = json.loads((run / "test_metrics.json").read_text())
+    # One epoch: best and last hold the same weights; a full-state best.pth, as earlier
+    # versions wrote it, scores the same.
+    shutil.copyfile(run / "last.pth", run / "best.pth")
+    again = test_script.main(["--config_file", str(run / "configs.yaml")])
+    assert again["t2i"] == pytest.approx(saved["t2i"], abs=1e-6)
+
+
+def test_runs_without_validation_and_resumes_leave_no_stale_temporaries(synth_root, tmp_path,
+                                                                        monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = [f".last.pth.tmp-{gone.pid}", f".best.pth.tmp-{gone.pid}"]
+    train_epoch = Trainer._train_epoch
+
+    def epoch_then_leftovers(self, sampler):  # what a writer killed mid-save leaves behind
+        train_epoch(self, sampler)
+        for name in stale:
+            (self.run_dir / name).write_bytes(b"\0" * 4096)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", epoch_then_leftovers)
+    overrides = tiny_overrides(synth_root, tmp_path, "noval") + ["dataset.val_ids=0",
+                                                                 "solver.num_epoch=1"]
+    train_script.main(["--config_file", CONFIG, *overrides])
+    run = tmp_path / "CUHK-PEDES" / "noval"
+    assert not list(run.glob(".*.tmp-*"))  # swept after the epoch's save
+    best = torch.load(run / "best.pth", map_location="cpu", weights_only=True)
+    assert set(best) == MODEL_ONLY and best["metrics"] is None and best["epoch"] == 1
+
+    monkeypatch.undo()
+    for name in stale:
+        (run / name).write_bytes(b"\0" * 4096)
+    train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true"])
+    assert not list(run.glob(".*.tmp-*"))  # swept at the start
 
 
 def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
@@ -152,3 +210,25 @@ def test_log_lines_tell_a_slow_loader_from_a_slow_step(synth_root, tmp_path, mon
         assert median >= 50, waits
     else:
         assert median <= 30, waits
+
+
+@pytest.mark.parametrize("script", [train_script, test_script, visualize, retrieve])
+def test_entry_points_refuse_torch_older_than_2_6(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    argv = ["--config_file", str(tmp_path / "configs.yaml")]
+    if script is retrieve:
+        argv += ["--gallery", str(tmp_path), "--query", "a man"]
+    with pytest.raises(UnsupportedTorchError, match=r"torch 2\.5\.1\+cu124 is installed but this "
+                                                    r"code needs torch>=2\.6.*CVE-2025-32434"):
+        script.main(argv)
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv])
+    assert cli.run_cli(script.main) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_torch_version_floor_compares_numbers():
+    for version in ("2.6.0", "2.6.0+cu124", "2.10.1", "3.0.0a0"):
+        require_torch(version)
+    for version in ("2.5.1", "1.13.1+cpu", "2.1", "unknown"):
+        with pytest.raises(UnsupportedTorchError, match=f"torch {re.escape(version)} is installed"):
+            require_torch(version)

@@ -1,12 +1,36 @@
-"""Seeding, device choice and the precision switch."""
+"""Seeding, device choice, the precision switch and the torch version floor."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
 
 import numpy as np
 import torch
+
+
+MIN_TORCH = (2, 6)
+
+
+class UnsupportedTorchError(RuntimeError):
+    """The installed torch is older than MIN_TORCH."""
+
+
+def require_torch(version: str | None = None) -> None:
+    """Refuse a torch older than MIN_TORCH (default: the installed one).
+
+    Every checkpoint and weights file here is read with `weights_only=True`, which a
+    crafted file can bypass to run code before torch 2.6 (CVE-2025-32434).
+    """
+    version = torch.__version__ if version is None else version
+    release = re.match(r"(\d+)\.(\d+)", str(version))
+    if release is None or tuple(map(int, release.groups())) < MIN_TORCH:
+        floor = ".".join(map(str, MIN_TORCH))
+        raise UnsupportedTorchError(
+            f"torch {version} is installed but this code needs torch>={floor}: older versions "
+            f"let a crafted checkpoint run code despite weights_only=True (CVE-2025-32434). "
+            f"Upgrade with: pip install -r requirements.txt")
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 DPI = 100
 COLUMN_WIDTH_IN = 1.5      # one ranked image per column
 SIDE_MARGIN_IN = 0.25
-RANKING_HEIGHT_IN = 5.0
+RANKING_HEIGHT_IN = 5.0    # caption band and one row of images
+CAPTION_BAND_IN = 1.8      # from the top of the figure to the first row's images
+IMAGE_BAND_IN = 2.75       # height of a row's images
+ROW_STEP_IN = 3.4          # from one row's images to the next (titles and labels between)
 CAPTION_LINES = 4          # longer captions are cut with an ellipsis
 MAX_FIGURE_COLUMNS = 20    # a ranking figure shows at most this many images
 MATCH_COLOUR = "#2ca02c"
@@ -53,10 +56,10 @@ def slugify(text: str, max_chars: int = 40) -> str:
     return f"{words or 'query'}_{digest}"
 
 
-def ranking_figure_size(num_columns: int) -> tuple[int, int]:
-    """(width, height) in pixels of a `render_ranking` PNG with `num_columns` columns."""
+def ranking_figure_size(num_columns: int, num_rows: int = 1) -> tuple[int, int]:
+    """(width, height) in pixels of a `render_ranking` PNG of `num_rows` rows of `num_columns`."""
     width_in = 2 * SIDE_MARGIN_IN + COLUMN_WIDTH_IN * num_columns
-    return round(width_in * DPI), round(RANKING_HEIGHT_IN * DPI)
+    return round(width_in * DPI), round((RANKING_HEIGHT_IN + ROW_STEP_IN * (num_rows - 1)) * DPI)
 
 
 def _wrap_caption(caption: str, chars_per_line: int) -> str:
@@ -98,34 +101,37 @@ def _save(fig, path: str | os.PathLike) -> Path:
 # -- ranking figure -------------------------------------------------------------
 
 def render_ranking(path: str | os.PathLike, caption: str, image_paths: Sequence[str],
-                   scores: Sequence[float], *, num_columns: int = 10,
+                   scores: Sequence[float], *, num_columns: int = 10, num_rows: int = 1,
                    matches: Sequence[bool] | None = None, status: str = "",
                    status_colour: str = "black", labels: Sequence[str] | None = None) -> Path:
-    """Write one query's ranking as a PNG of `ranking_figure_size(num_columns)` pixels.
+    """Write one query's ranking as a PNG of `ranking_figure_size(num_columns, num_rows)` pixels.
 
     Args:
         caption: the query text, wrapped on top (at most CAPTION_LINES lines).
         image_paths, scores: the ranked gallery images (best first) and their
-            cosine similarities; at most `num_columns` are drawn.
+            cosine similarities; at most `num_columns * num_rows` are drawn, row by row.
         matches: per image, True (same identity: green border) or False (red);
             None draws neutral grey borders (no ground truth).
         status: a line under the caption, e.g. "first correct match: rank 3".
         labels: a short text under each image (an identity, a file name).
     """
     width_in = 2 * SIDE_MARGIN_IN + COLUMN_WIDTH_IN * num_columns
-    fig = _new_figure(width_in, RANKING_HEIGHT_IN)
+    height_in = RANKING_HEIGHT_IN + ROW_STEP_IN * (num_rows - 1)
+    fig = _new_figure(width_in, height_in)
     chars_per_line = int((width_in - 2 * SIDE_MARGIN_IN) * 72 / (11 * 0.55))
-    fig.text(SIDE_MARGIN_IN / width_in, 0.975, _wrap_caption(caption, chars_per_line),
-             ha="left", va="top", fontsize=11)
+    fig.text(SIDE_MARGIN_IN / width_in, 1 - 0.125 / height_in,
+             _wrap_caption(caption, chars_per_line), ha="left", va="top", fontsize=11)
     if status:
-        fig.text(SIDE_MARGIN_IN / width_in, 0.735, status, ha="left", va="top", fontsize=11,
-                 fontweight="bold", color=status_colour)
-    bottom, top = 0.09, 0.64  # image band, as figure fractions
+        fig.text(SIDE_MARGIN_IN / width_in, 1 - 1.325 / height_in, status, ha="left", va="top",
+                 fontsize=11, fontweight="bold", color=status_colour)
     column = COLUMN_WIDTH_IN / width_in
     pad = 0.06 * column
-    for i in range(min(num_columns, len(image_paths))):
-        ax = fig.add_axes((SIDE_MARGIN_IN / width_in + i * column + pad, bottom,
-                           column - 2 * pad, top - bottom))
+    for i in range(min(num_columns * num_rows, len(image_paths))):
+        row, col = divmod(i, num_columns)
+        top = height_in - CAPTION_BAND_IN - row * ROW_STEP_IN  # inches from the bottom
+        ax = fig.add_axes((SIDE_MARGIN_IN / width_in + col * column + pad,
+                           (top - IMAGE_BAND_IN) / height_in, column - 2 * pad,
+                           IMAGE_BAND_IN / height_in))
         colour = NEUTRAL_COLOUR if matches is None else (
             MATCH_COLOUR if matches[i] else MISMATCH_COLOUR)
         image = _thumbnail(image_paths[i])
@@ -340,13 +346,14 @@ class RankedQuery:
     def matches(self) -> list[bool] | None:
         return None if self.pid is None else [p == self.pid for p in self.pids]
 
-    def status(self, num_columns: int) -> tuple[str, str]:
-        """The line under the caption and its colour."""
+    def status(self, num_shown: int) -> tuple[str, str]:
+        """The line under the caption and its colour (green: a correct match is among the
+        `num_shown` images drawn)."""
         if self.pid is None:
             return "free-text query (no ground truth)", "black"
         if self.first_correct is None:
             return f"identity {self.pid}: no image of it in the gallery", MISMATCH_COLOUR
-        colour = MATCH_COLOUR if self.first_correct <= num_columns else MISMATCH_COLOUR
+        colour = MATCH_COLOUR if self.first_correct <= num_shown else MISMATCH_COLOUR
         return (f"identity {self.pid}, first correct match: rank {self.first_correct}", colour)
 
 
@@ -390,13 +397,14 @@ def rank_split_queries(model, split, cfg, device: torch.device, indices: Sequenc
     return out
 
 
-def render_query(query: RankedQuery, path: str | os.PathLike, num_columns: int) -> Path:
-    status, colour = query.status(num_columns)
+def render_query(query: RankedQuery, path: str | os.PathLike, num_columns: int,
+                 num_rows: int = 1) -> Path:
+    status, colour = query.status(num_columns * num_rows)
     labels = None if query.pid is None else [f"id {p}" for p in query.pids]
     caption = query.caption if query.index is None else f"[{query.index}] {query.caption}"
     return render_ranking(path, caption, query.paths, query.scores, num_columns=num_columns,
-                          matches=query.matches, status=status, status_colour=colour,
-                          labels=labels)
+                          num_rows=num_rows, matches=query.matches, status=status,
+                          status_colour=colour, labels=labels)
 
 
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
