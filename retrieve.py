@@ -57,8 +57,8 @@ def main(argv=None) -> dict:
     cfg = run.cfg
     image_size = tuple(cfg.input.size)
     index = index_gallery(
-        run.model, args.gallery, build_eval_transform(image_size),
-        key=gallery_cache_key(run.checkpoint, image_size, cfg.model.embed),
+        run.model, args.gallery, build_eval_transform(image_size, interpolation=cfg.input.interpolation),
+        key=gallery_cache_key(run.checkpoint, image_size, cfg.model.embed, cfg.input.interpolation),
         cache_dir=args.cache_dir, batch_size=cfg.eval.batch_size,
         num_workers=cfg.dataset.num_workers, device=run.device, precision=cfg.solver.precision)
     stats = index.stats
