@@ -64,8 +64,10 @@ def main(argv=None) -> dict:
                                 partial(tokenize, context_length=cfg.dataset.text_length),
                                 run.device, cfg.solver.precision)  # Q, D
     index = index_gallery(
-        run.model, args.gallery, build_eval_transform(image_size), checkpoint=run.checkpoint,
-        settings=(image_size, cfg.model.embed),
+        run.model, args.gallery,
+        build_eval_transform(image_size, interpolation=cfg.input.interpolation),
+        checkpoint=run.checkpoint,
+        settings=(image_size, cfg.model.embed, cfg.input.interpolation),
         cache_dir=args.cache_dir or run.run_dir / "gallery_cache", embed_dim=embeddings.shape[1],
         batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers, device=run.device,
         precision=cfg.solver.precision)

@@ -94,7 +94,8 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
                        num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
                        skip_bad_images: bool = False, cache_dir: str | os.PathLike | None = None,
-                       augment_in_workers: bool = False) -> TrainLoader:
+                       augment_in_workers: bool = False, drop_last: bool = True,
+                       interpolation: str = "bicubic", load_truncated: bool = False) -> TrainLoader:
     """DataLoader of training batches ``{"images": B,3,H,W, "caption_ids": B,L, "pids": B, "image_ids": B}``.
 
     ``batch_size`` is the global batch; this rank gets ``batch_size // world_size``
@@ -102,6 +103,10 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     start_batch=0)``; call it before every epoch. ``persistent_workers`` only
     applies with ``num_workers > 0``, ``pin_memory`` only when CUDA is available.
     Pass every batch through ``loader.prepare_batch(batch, device)``.
+    ``drop_last=False`` keeps the last incomplete batch of the random sampler,
+    smaller (IRRA; one process). ``interpolation`` ("bicubic" or "bilinear") is
+    the resize kernel and ``load_truncated`` decodes truncated image files as far
+    as they go (IRRA).
 
     ``cache_dir``: None decodes and augments every sample in the workers (the
     reference path). A folder: the images are decoded once into an image
@@ -116,8 +121,8 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     if not items:
         raise ValueError("The training set is empty.")
     if sampler == "random":
-        batch_sampler = RandomBatchSampler(len(items), batch_size, seed, rank, world_size, drop_last=True,
-                                           yield_seeds=True)
+        batch_sampler = RandomBatchSampler(len(items), batch_size, seed, rank, world_size, drop_last=drop_last,
+                                           yield_seeds=True, keep_partial=not drop_last)
     elif sampler == "identity":
         batch_sampler = IdentityBatchSampler([item.pid for item in items], batch_size, num_instances, seed,
                                              rank, world_size, yield_seeds=True)
@@ -125,11 +130,12 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
         raise ValueError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     batch_augment, collate_fn = None, None
     if cache_dir is None:
-        data = ImageTextDataset(items, build_train_transform(image_size, augment), text_length, text_aug,
-                                skip_bad_images=skip_bad_images)
+        data = ImageTextDataset(items, build_train_transform(image_size, augment, interpolation), text_length,
+                                text_aug, skip_bad_images=skip_bad_images, load_truncated=load_truncated)
     else:
         cache = ImageCache.open([item.path for item in items], image_size, cache_dir, num_workers=num_workers,
-                                skip_bad_images=skip_bad_images)
+                                skip_bad_images=skip_bad_images, interpolation=interpolation,
+                                load_truncated=load_truncated)
         data = ImageTextDataset(items, None, text_length, text_aug, skip_bad_images=skip_bad_images,
                                 image_cache=cache)
         batch_augment = BatchAugment(image_size, augment)
@@ -145,21 +151,26 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
 def build_eval_loaders(split: EvalSplit, *, image_size: tuple[int, int] = (384, 128), batch_size: int = 64,
                        text_length: int = 77, num_workers: int = 0, pin_memory: bool = False,
                        persistent_workers: bool = False,
-                       cache_dir: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
+                       cache_dir: str | os.PathLike | None = None, interpolation: str = "bicubic",
+                       load_truncated: bool = False) -> tuple[DataLoader, DataLoader]:
     """(image_loader, text_loader) over an evaluation split, in list order, no shuffling.
 
     Image batches: ``{"images": B,3,H,W, "pids": B}``; text batches:
     ``{"caption_ids": B,L, "pids": B}`` (original dataset identities).
     With ``cache_dir`` the images come from an image cache of the split
     (see ``build_train_loader``), normalised only: the same tensors as without.
+    ``interpolation`` and ``load_truncated`` as in ``build_train_loader``.
     """
     common = dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                   pin_memory=pin_memory and torch.cuda.is_available(),
                   persistent_workers=persistent_workers and num_workers > 0)
     if cache_dir is None:
-        images = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(image_size))
+        images = ImageDataset(split.image_paths, split.image_pids,
+                              build_eval_transform(image_size, interpolation=interpolation),
+                              load_truncated=load_truncated)
     else:
-        cache = ImageCache.open(split.image_paths, image_size, cache_dir, num_workers=num_workers)
+        cache = ImageCache.open(split.image_paths, image_size, cache_dir, num_workers=num_workers,
+                                interpolation=interpolation, load_truncated=load_truncated)
         images = ImageDataset(split.image_paths, split.image_pids, Uint8Normalize(), image_cache=cache)
     texts = TextDataset(split.captions, split.caption_pids, text_length)
     return DataLoader(images, **common), DataLoader(texts, **common)

@@ -17,6 +17,7 @@ from utils import comm
 from . import objectives
 from .clip_model import CLIP, build_clip
 from .comoe import CoMoEHead, fuse_embedding
+from .irra import convert_weights_to_fp16
 from .mlm import MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
 
 KNOWN_LOSSES = ("sdm", "itc", "coar", "id", "cmpm", "mlm")
@@ -31,7 +32,10 @@ class LossConfig:
     mlm_select_prob: float = 0.15
     mlm_mask_prob: float = 0.8
     mlm_random_prob: float = 0.1
+    mlm_fallback: str = "random"
+    mlm_masks_captions: bool = False  # every loss sees the MLM-masked captions (IRRA)
     cmt_depth: int = 4
+    cmt_style: str = "project"
 
 
 def parse_loss_names(names: str, has_head: bool) -> tuple[str, ...]:
@@ -152,7 +156,7 @@ class RetrievalModel(nn.Module):
         self.mlm_head = None
         if "mlm" in losses.names:
             self.mlm_head = MLMHead(dim, vocab_size=backbone.vocab_size, heads=max(1, dim // 64),
-                                    cmt_depth=losses.cmt_depth)
+                                    cmt_depth=losses.cmt_depth, style=losses.cmt_style)
         if freeze_backbone:
             for param in self.backbone.parameters():
                 param.requires_grad_(False)
@@ -188,9 +192,15 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms of one training batch (all ranks' batches under DDP)."""
         names, weights = self.losses.names, self.losses.weights
+        caption_ids, masked = batch["caption_ids"], None
+        if self.losses.mlm_masks_captions:
+            # IRRA's dataset masks its captions in place (a NumPy view shares their
+            # memory), so every loss reads the masked captions, not only the MLM.
+            masked = self._mask_captions(caption_ids)
+            caption_ids = masked[0]
         image_feats, image_stats, image_tokens = self.image_features(batch["images"],
                                                                      return_tokens=True)
-        text_feats, text_stats = self.text_features(batch["caption_ids"])
+        text_feats, text_stats = self.text_features(caption_ids)
         pids = batch["pids"]
         (all_image, all_text), all_pids = _gather_pair(image_feats, text_feats), _gather(pids)
         out: dict[str, torch.Tensor] = {}
@@ -211,18 +221,25 @@ class RetrievalModel(nn.Module):
             out["cmpm"] = weights.get("cmpm", 1.0) * objectives.cmpm_loss(
                 all_image, all_text, all_pids)
         if "mlm" in names:
-            out["mlm"] = weights.get("mlm", 1.0) * self._mlm(batch["caption_ids"], image_tokens)
+            if masked is None:
+                masked = self._mask_captions(caption_ids)
+            out["mlm"] = weights.get("mlm", 1.0) * self._mlm(*masked, image_tokens)
         return out
 
-    def _mlm(self, caption_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def _mask_captions(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked_ids, labels) of the MLM loss, both (B, L)."""
+        cfg = self.losses
+        return mask_caption_tokens(caption_ids, None, cfg.mlm_select_prob, cfg.mlm_mask_prob,
+                                   cfg.mlm_random_prob, fallback=cfg.mlm_fallback)
+
+    def _mlm(self, masked_ids: torch.Tensor, labels: torch.Tensor,
+             image_tokens: torch.Tensor) -> torch.Tensor:
         """IRRA's masked language modelling: masked captions read the image tokens."""
         cfg = self.losses
-        masked_ids, labels = mask_caption_tokens(caption_ids, None, cfg.mlm_select_prob,
-                                                 cfg.mlm_mask_prob, cfg.mlm_random_prob)
         text_tokens, _ = self.backbone.encode_text(masked_ids)  # B, L, D
         # A fixed number of positions (the labelled ones, then filler that the loss
         # ignores): no data-dependent shape, so the step does not wait for the GPU.
-        capacity = mlm_capacity(*caption_ids.shape, cfg.mlm_select_prob)
+        capacity = mlm_capacity(*masked_ids.shape, cfg.mlm_select_prob)
         positions = mlm_positions(labels, capacity)  # M
         logits = self.mlm_head(text_tokens, image_tokens, text_valid_mask(masked_ids),
                                predict_at=positions)  # M, V
@@ -233,7 +250,7 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
     """Translate a resolved config into a RetrievalModel."""
     backbone = build_clip(cfg.model.pretrain, image_size=tuple(cfg.input.size),
                           stride=cfg.model.stride, cache_dir=cfg.model.cache_dir or None,
-                          **dict(cfg.model.arch))
+                          interpolation=cfg.input.interpolation, **dict(cfg.model.arch))
     if cfg.model.grad_checkpointing:
         for transformer in (backbone.visual.transformer, backbone.transformer):
             transformer.grad_checkpointing = True
@@ -251,6 +268,12 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
                         temperature=cfg.model.temperature,
                         mlm_select_prob=cfg.loss.mlm_select_prob,
                         mlm_mask_prob=cfg.loss.mlm_mask_prob,
-                        mlm_random_prob=cfg.loss.mlm_random_prob, cmt_depth=cfg.model.cmt_depth)
-    return RetrievalModel(backbone, head, cfg.model.embed, losses, num_classes=num_classes,
-                          freeze_backbone=cfg.model.freeze_backbone)
+                        mlm_random_prob=cfg.loss.mlm_random_prob,
+                        mlm_fallback=cfg.loss.mlm_fallback,
+                        mlm_masks_captions=cfg.loss.mlm_masks_captions,
+                        cmt_depth=cfg.model.cmt_depth, cmt_style=cfg.model.cmt_style)
+    model = RetrievalModel(backbone, head, cfg.model.embed, losses, num_classes=num_classes,
+                           freeze_backbone=cfg.model.freeze_backbone)
+    if cfg.solver.fp16_weights:
+        convert_weights_to_fp16(model)
+    return model

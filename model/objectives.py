@@ -167,16 +167,18 @@ def id_loss(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor, pids
         pids: (B,) identity labels in [0, num_classes).
 
     Returns:
-        () loss. The logits are computed in fp32 whatever the autocast state.
+        () loss. The logits are computed in the classifier's dtype whatever the
+        autocast state: fp32, or fp16 with IRRA's fp16 weights (as IRRA does).
     """
     if image_feats.shape != text_feats.shape or pids.shape != image_feats.shape[:1]:
         raise ValueError(
             f"id_loss needs paired batches, got image {tuple(image_feats.shape)}, "
             f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
         )
+    dtype = classifier.weight.dtype
     with torch.autocast(device_type=image_feats.device.type, enabled=False):
-        image_logits = classifier(image_feats.float())  # B, C
-        text_logits = classifier(text_feats.float())  # B, C
+        image_logits = classifier(image_feats.to(dtype)).float()  # B, C
+        text_logits = classifier(text_feats.to(dtype)).float()  # B, C
     return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
 
 

@@ -14,6 +14,7 @@ from datasets import (ImageAugment, TextAugment, build_dataset, build_eval_loade
                       build_train_loader)
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
+from model.irra import from_irra_checkpoint, is_irra_state_dict
 from solver import build_scheduler, optimizer_from_config
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
@@ -67,7 +68,9 @@ def prepare_image_cache(cfg, paths, skip_bad_images: bool = False) -> str | None
     cache_dir = cfg.dataset.cache_dir or str(default_cache_dir(cfg.dataset.root_dir))
     if comm.is_main_process():
         ImageCache.open(paths, tuple(cfg.input.size), cache_dir,
-                        num_workers=cfg.dataset.num_workers, skip_bad_images=skip_bad_images)
+                        num_workers=cfg.dataset.num_workers, skip_bad_images=skip_bad_images,
+                        interpolation=cfg.input.interpolation,
+                        load_truncated=cfg.dataset.load_truncated_images)
     comm.barrier()
     return cache_dir
 
@@ -77,7 +80,9 @@ def eval_loaders(cfg, split, device: torch.device):
                               cache_dir=prepare_image_cache(cfg, split.image_paths),
                               batch_size=cfg.eval.batch_size, text_length=cfg.dataset.text_length,
                               num_workers=cfg.dataset.num_workers,
-                              pin_memory=cfg.dataset.pin_memory and device.type == "cuda")
+                              pin_memory=cfg.dataset.pin_memory and device.type == "cuda",
+                              interpolation=cfg.input.interpolation,
+                              load_truncated=cfg.dataset.load_truncated_images)
 
 
 def train_loader(cfg, dataset, device: torch.device):
@@ -88,6 +93,10 @@ def train_loader(cfg, dataset, device: torch.device):
                           f"{comm.get_world_size()} process(es) gives {per_rank} samples per "
                           f"process, which must be a multiple of "
                           f"solver.accumulation_steps={steps}")
+    if not d.drop_last and comm.get_world_size() > 1:
+        raise ConfigError(f"dataset.drop_last=false trains on the last incomplete batch as one "
+                          f"process does (IRRA); {comm.get_world_size()} processes cannot split "
+                          f"it evenly. Use dataset.drop_last=true under torchrun")
     return build_train_loader(
         dataset, batch_size=cfg.solver.batch_size, sampler=d.sampler,
         num_instances=d.num_instance, image_size=tuple(cfg.input.size),
@@ -97,7 +106,8 @@ def train_loader(cfg, dataset, device: torch.device):
         world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images,
         cache_dir=prepare_image_cache(cfg, [item.path for item in dataset.train],
                                       d.skip_bad_images),
-        augment_in_workers=device.type == "cpu")
+        augment_in_workers=device.type == "cpu", drop_last=d.drop_last,
+        interpolation=cfg.input.interpolation, load_truncated=d.load_truncated_images)
 
 
 def _prepare_run_folder(cfg) -> Path:
@@ -191,7 +201,7 @@ def run_training(cfg) -> dict:
     optimizer = optimizer_from_config(model, cfg.solver)
     scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
                                 warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
-                                min_lr_factor=s.min_lr_factor)
+                                min_lr_factor=s.min_lr_factor, per_epoch=s.lr_update == "epoch")
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
     tb = _tensorboard(run_dir)
     trainer = Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
@@ -214,8 +224,11 @@ def run_training(cfg) -> dict:
 
 def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, out_dir: Path,
                         model=None, tb_writer=None) -> dict:
-    """Evaluate `checkpoint` on the test split; print a table, write test_metrics.json."""
+    """Evaluate `checkpoint` (this codebase's, or a best.pth of IRRA's code) on the test
+    split; print a table, write test_metrics.json."""
     ckpt = load_checkpoint(checkpoint)
+    if is_irra_state_dict(ckpt["model"]):
+        ckpt = from_irra_checkpoint(ckpt, str(checkpoint))
     if model is None:
         model = build_model(cfg, num_classes=ckpt.get("num_classes")).to(device)
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
@@ -236,10 +249,19 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
 
 
 def run_test(cfg, config_file: str | Path) -> dict:
-    """Rebuild the run from its saved config and evaluate a checkpoint on the test split."""
+    """Rebuild the run from its saved config and evaluate a checkpoint on the test split.
+
+    The run folder is the saved config's folder; an experiment file (any other name,
+    e.g. configs/CUHK-PEDES/irra.yaml with checkpoint=PATH) names its run folder
+    through output_dir, dataset.name and name.
+    """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)  # under torchrun the ranks share the encoding
-    run_dir = Path(config_file).resolve().parent
+    config_file = Path(config_file).resolve()
+    run_dir = config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
+    if comm.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    comm.barrier()
     setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
     checkpoint = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "best.pth"
     if not checkpoint.is_file():

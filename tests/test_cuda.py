@@ -149,3 +149,28 @@ def test_train_py_with_cuda_graphs_trains_validates_and_logs_memory(synth_root, 
     log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
     assert log.count("validation t2i") == 2
     assert "samples/s, " in log and "GiB peak" in log
+
+
+def test_irra_fp16_weights_train_on_cuda_and_match_the_cpu(synth_root, tmp_path):
+    """IRRA's legacy fp16 weights (configs/*/irra.yaml) on the GPU: one batch's losses are
+    the CPU's up to fp16 rounding, and train.py trains and tests with them."""
+    from conftest import TINY_MODEL
+    from model import build_model
+    from utils.config import load_config
+    irra = ROOT / "configs" / "CUHK-PEDES" / "irra.yaml"
+    # SDM + ID on clean captions: MLM masks come from each device's own generator.
+    cfg = load_config(irra, TINY_MODEL + ["loss.names=sdm+id", "loss.mlm_masks_captions=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=4)
+    ids = torch.zeros(4, cfg.dataset.text_length, dtype=torch.long)
+    ids[:, 0], ids[:, 1:6], ids[:, 6] = 49406, torch.randint(1, 40000, (4, 5)), 49407
+    batch = {"images": torch.randn(4, 3, *cfg.input.size), "caption_ids": ids,
+             "pids": torch.tensor([0, 0, 1, 2])}
+    on_cpu = model(batch)
+    on_gpu = model.cuda()({k: v.cuda() for k, v in batch.items()})
+    assert model.backbone.visual.conv1.weight.dtype == torch.float16
+    for key, value in on_cpu.items():
+        assert on_gpu[key].item() == pytest.approx(value.item(), rel=1e-2), key
+    result = train_script.main(["--config_file", str(irra), *cuda_overrides(synth_root, tmp_path),
+                                "model.cmt_depth=1", "solver.num_epoch=1"])
+    assert 0 <= result["t2i"]["R1"] <= 100

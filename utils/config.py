@@ -13,7 +13,7 @@ from easydict import EasyDict
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 BASE_KEY = "_BASE_"
 # Keys whose default is a mapping of free-form entries (not validated one by one).
-FREE_FORM_KEYS = {"model.arch"}
+FREE_FORM_KEYS = {"model.arch", "solver.module_lr_factors"}
 
 
 class ConfigError(ValueError):
@@ -81,12 +81,17 @@ CHOICES = {
     "dataset.sampler": ("random", "identity"),
     "model.head": ("comoe", "none"),
     "model.embed": ("sum", "global", "mean"),
+    "model.cmt_style": ("project", "irra"),
+    "input.interpolation": ("bicubic", "bilinear"),
+    "loss.mlm_fallback": ("random", "first"),
     "moe.gate": ("modality+aux", "modality", "shared"),
     "moe.aux_input": ("token", "prompt"),
     "solver.optimizer": ("adamw", "adam"),
     "solver.optimizer_kernel": ("auto", "fused", "foreach"),
     "solver.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "solver.precision": ("fp32", "bf16", "fp16"),
+    "solver.param_rules": ("project", "irra"),
+    "solver.lr_update": ("step", "epoch"),
 }
 
 
@@ -103,6 +108,28 @@ def _check_choices(cfg: Mapping, source: str) -> None:
             (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{source}: key 'device' must be auto, cpu, cuda or cuda:N; got {device!r}")
     solver = cfg["solver"]
+    for pattern, factor in solver["module_lr_factors"].items():
+        if not isinstance(pattern, str) or not _is_number(factor) or factor < 0:
+            raise ConfigError(f"{source}: key 'solver.module_lr_factors' maps module-name patterns "
+                              f"to lr factors >= 0, e.g. {{'head.blocks.*.moe': 2.0}}; got "
+                              f"{pattern!r}: {factor!r}")
+    if solver["fp16_weights"] and solver["precision"] != "fp32":
+        # Autocast and the grad scaler exist to keep fp32 master weights while computing in
+        # half precision; with the weights themselves in fp16 there is nothing to keep.
+        raise ConfigError(
+            f"{source}: solver.fp16_weights=true (IRRA's legacy fp16 weights, updated in fp16) "
+            f"cannot be combined with solver.precision={solver['precision']}: autocast and the "
+            f"grad scaler assume fp32 weights. Use solver.precision=fp32 with it, or "
+            f"solver.fp16_weights=false for mixed precision")
+    if solver["fp16_weights"] and solver["optimizer_kernel"] == "fused":
+        raise ConfigError(
+            f"{source}: solver.optimizer_kernel=fused computes the Adam update in fp32 inside "
+            f"the kernel, while solver.fp16_weights=true reproduces IRRA's update made of fp16 "
+            f"operations; use solver.optimizer_kernel=auto or foreach")
+    loss_names = [name.strip() for name in cfg["loss"]["names"].split("+")]
+    if cfg["loss"]["mlm_masks_captions"] and "mlm" not in loss_names:
+        raise ConfigError(f"{source}: loss.mlm_masks_captions=true needs the mlm loss in "
+                          f"loss.names (got {cfg['loss']['names']!r})")
     if solver["compile"] and solver["compile_mode"] == "reduce-overhead" \
             and solver["accumulation_steps"] > 1:
         # The first micro-batch's gradients live in the CUDA graphs' memory pool and

@@ -312,6 +312,7 @@ def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
     checkpoint, the device from the config's `device`.
     """
     from model import build_model
+    from model.irra import from_irra_checkpoint, is_irra_state_dict
     from utils.checkpoint import load_checkpoint, load_model_state
     from utils.config import load_config, to_plain
     from utils.misc import resolve_device
@@ -320,6 +321,8 @@ def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
     run_dir = config_file.resolve().parent
     path = resolve_checkpoint(run_dir, checkpoint or cfg.checkpoint.path or None)
     ckpt = load_checkpoint(path)
+    if is_irra_state_dict(ckpt["model"]):
+        ckpt = from_irra_checkpoint(ckpt, str(path))
     device = resolve_device(cfg.device)
     model = build_model(cfg, num_classes=ckpt.get("num_classes"))
     load_model_state(model, ckpt, to_plain(cfg), source=str(path))
