@@ -314,7 +314,7 @@ class Trainer:
         sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         steps = len(self.train_loader) + self.batch_in_epoch
         meters = MeterDict()
-        running: dict[str, torch.Tensor] = {}  # loss and accuracy sums since the last log line, on device
+        running: dict[str, torch.Tensor] = {}  # loss/accuracy sums since the last log line, on device
         running_steps = 0
         replaced_images = 0
         self.model.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -287,7 +288,7 @@ def _logged_values(log: str) -> list[tuple[str, list[float]]]:
         if line.startswith(("| t2i ", "| i2t ")):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             out.append((cells[0], [float(cell) for cell in cells[1:]]))
-        elif " step " in line:
+        elif re.search(r"\] step \d+ lr ", line):
             text = line.split("INFO: ", 1)[1]
             head, _, tail = text.partition(" step ")
             values = [float(part.split("=")[1]) for part in tail.split() if "=" in part]
