@@ -26,7 +26,7 @@ OWN_VALUE_OPTIONS = ("--config_file", "--gallery", "--query", "--topk", "--check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.visualization import split_overrides
+    from utils.arguments import split_overrides
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Rank a folder of images by a text query.")
@@ -95,8 +95,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import logging
-
     from cli import run_cli
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from utils.logger import setup_logger
+    setup_logger(None)
     sys.exit(run_cli(main))

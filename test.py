@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+CONFIG_HELP = ("the run's saved configs.yaml (further files add only the keys they set); the "
+               "run folder is the folder of the first file")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a run folder on the test split.")
-    parser.add_argument("--config_file", required=True, help="the run's saved configs.yaml")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="key=value overrides, e.g. checkpoint=logs/.../last.pth eval.i2t=true")
-    return parser.parse_args(argv)
+    from utils.arguments import parse_run_args
+    return parse_run_args(argv, "Evaluate a run folder on the test split.", CONFIG_HELP,
+                          usage_notes="checkpoint=PATH scores another checkpoint than the run's "
+                                      "best.pth; eval.i2t=true adds image-to-text retrieval.")
 
 
 def main(argv=None) -> dict:
@@ -23,7 +25,7 @@ def main(argv=None) -> dict:
     from processor.runner import run_test
     from utils.config import load_config
     cfg = load_config(args.config_file, args.opts)
-    return run_test(cfg, args.config_file)
+    return run_test(cfg, args.config_file[0])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ OWN_VALUE_OPTIONS = ("--config_file", "--checkpoint", "--num_queries", "--query"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.visualization import split_overrides
+    from utils.arguments import split_overrides
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Ranking and expert-routing figures of a run.")
@@ -138,8 +138,7 @@ def _rank_queries(args, out_dir: Path, figures: list) -> list:
 
 
 if __name__ == "__main__":
-    import logging
-
     from cli import run_cli
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from utils.logger import setup_logger
+    setup_logger(None)
     sys.exit(run_cli(main))

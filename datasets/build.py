@@ -26,33 +26,39 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from prettytable import PrettyTable
 from torch.utils.data import DataLoader
 
 from datasets.bases import ImageDataset, ImageTextDataset, TextDataset
 from datasets.cache import AugmentingCollate, BatchAugment, ImageCache, Uint8Normalize
-from datasets.cuhkpedes import CUHKPEDES
-from datasets.icfgpedes import ICFGPEDES
 from datasets.pedes import EvalSplit, PedesDataset, TrainItem
-from datasets.rstpreid import RSTPReid
+from datasets.registry import get_dataset_class
 from datasets.sampler import IdentityBatchSampler, RandomBatchSampler
 from datasets.transforms import ImageAugment, TextAugment, build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
 
-DATASETS = {"CUHK-PEDES": CUHKPEDES, "ICFG-PEDES": ICFGPEDES, "RSTPReid": RSTPReid}
 SAMPLERS = ("random", "identity")
-
-
-def get_dataset_class(name: str) -> type[PedesDataset]:
-    if name not in DATASETS:
-        raise KeyError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
-    return DATASETS[name]
 
 
 def build_dataset(name: str, root: str | os.PathLike, val_ids: int | None = None, seed: int = 0,
                   check_images: bool = True) -> PedesDataset:
     """Load dataset ``name`` from ``{root}/{folder}`` (see ``PedesDataset`` for ``val_ids``)."""
     return get_dataset_class(name)(root, val_ids=val_ids, seed=seed, check_images=check_images)
+
+
+def statistics_table(dataset: PedesDataset) -> PrettyTable:
+    """Identities, images and captions per split as used for training and evaluation
+    (val: the dataset's own split or the held-out training identities)."""
+    table = PrettyTable(["split", "ids", "images", "captions"])
+    table.add_row(["train", dataset.num_train_pids, len({item.image_id for item in dataset.train}),
+                   len(dataset.train)])
+    for name, split in (("val", dataset.val), ("test", dataset.test)):
+        if split is None:
+            table.add_row([name, 0, 0, 0])
+        else:
+            table.add_row([name, split.num_ids, len(split.image_paths), len(split.captions)])
+    return table
 
 
 def seed_worker(worker_id: int) -> None:

@@ -362,7 +362,7 @@ class PedesDataset:
         self.train, self.num_train_pids, self.train_pid_map = self._train_items(train)
         self.val = self._eval_split(val) if val else None
         self.test = self._eval_split(by_split["test"])
-        logger.info("%s: train %d ids / %d images / %d captions; val %s; test %d ids / %d images / %d captions",
+        logger.debug("%s: train %d ids / %d images / %d captions; val %s; test %d ids / %d images / %d captions",
                     self.name, self.num_train_pids, len({t.image_id for t in self.train}), len(self.train),
                     f"{len(self.val_pids)} ids" + (" (held out of train)" if held_out else "") if val else "none",
                     self.test.num_ids, len(self.test.image_paths), len(self.test.captions))

@@ -189,8 +189,13 @@ class RetrievalModel(nn.Module):
         return self.text_features(caption_ids)[0]
 
     # -- training -----------------------------------------------------------
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Weighted loss terms of one training batch (all ranks' batches under DDP)."""
+    def forward(self, batch: dict, return_metrics: bool = False):
+        """Weighted loss terms of one training batch (all ranks' batches under DDP).
+
+        With `return_metrics`, also a dict of detached training accuracies, kept
+        apart so that nothing sums them into the loss: `img_acc` / `txt_acc` (ID
+        head, this rank's batch) and `mlm_acc` (masked tokens predicted right).
+        """
         names, weights = self.losses.names, self.losses.weights
         caption_ids, masked = batch["caption_ids"], None
         if self.losses.mlm_masks_captions:
@@ -204,6 +209,7 @@ class RetrievalModel(nn.Module):
         pids = batch["pids"]
         (all_image, all_text), all_pids = _gather_pair(image_feats, text_feats), _gather(pids)
         out: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
         if "sdm" in names:
             out["sdm"] = weights.get("sdm", 1.0) * objectives.sdm_loss(
                 all_image, all_text, all_pids, self.logit_scale)
@@ -215,16 +221,23 @@ class RetrievalModel(nn.Module):
                                         lambda_align=self.losses.lambda_align)
             out["coar"] = weights.get("coar", 1.0) * coar["total"]
         if "id" in names:
-            out["id"] = weights.get("id", 1.0) * objectives.id_loss(
-                self.classifier, image_feats, text_feats, pids)
+            image_logits, text_logits = objectives.id_logits(self.classifier, image_feats,
+                                                             text_feats)
+            out["id"] = weights.get("id", 1.0) * objectives.id_loss(image_logits, text_logits, pids)
+            if return_metrics:
+                metrics["img_acc"] = objectives.accuracy(image_logits.detach(), pids)
+                metrics["txt_acc"] = objectives.accuracy(text_logits.detach(), pids)
         if "cmpm" in names:
             out["cmpm"] = weights.get("cmpm", 1.0) * objectives.cmpm_loss(
                 all_image, all_text, all_pids)
         if "mlm" in names:
             if masked is None:
                 masked = self._mask_captions(caption_ids)
-            out["mlm"] = weights.get("mlm", 1.0) * self._mlm(*masked, image_tokens)
-        return out
+            logits, labels = self._mlm(*masked, image_tokens)
+            out["mlm"] = weights.get("mlm", 1.0) * objectives.mlm_loss(logits, labels)
+            if return_metrics:
+                metrics["mlm_acc"] = objectives.accuracy(logits.detach(), labels)
+        return (out, metrics) if return_metrics else out
 
     def _mask_captions(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked_ids, labels) of the MLM loss, both (B, L)."""
@@ -232,9 +245,11 @@ class RetrievalModel(nn.Module):
         return mask_caption_tokens(caption_ids, None, cfg.mlm_select_prob, cfg.mlm_mask_prob,
                                    cfg.mlm_random_prob, fallback=cfg.mlm_fallback)
 
-    def _mlm(self, masked_ids: torch.Tensor, labels: torch.Tensor,
-             image_tokens: torch.Tensor) -> torch.Tensor:
-        """IRRA's masked language modelling: masked captions read the image tokens."""
+    def _mlm(self, masked_ids: torch.Tensor, labels: torch.Tensor, image_tokens: torch.Tensor):
+        """IRRA's masked language modelling: masked captions read the image tokens.
+
+        Returns the (M, V) logits at M fixed positions and their (M,) labels
+        (IGNORE_INDEX at the filler positions)."""
         cfg = self.losses
         text_tokens, _ = self.backbone.encode_text(masked_ids)  # B, L, D
         # A fixed number of positions (the labelled ones, then filler that the loss
@@ -243,7 +258,7 @@ class RetrievalModel(nn.Module):
         positions = mlm_positions(labels, capacity)  # M
         logits = self.mlm_head(text_tokens, image_tokens, text_valid_mask(masked_ids),
                                predict_at=positions)  # M, V
-        return objectives.mlm_loss(logits, labels.flatten()[positions])
+        return logits, labels.flatten()[positions]
 
 
 def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from model.moe import RoutingStats
 
-__all__ = ["cmpm_loss", "coar_loss", "id_loss", "itc_loss", "js_divergence", "mlm_loss", "sdm_loss"]
+__all__ = ["accuracy", "cmpm_loss", "coar_loss", "id_logits", "id_loss", "itc_loss", "js_divergence",
+           "mlm_loss", "sdm_loss"]
 
 
 def _scaled_cosine(a: Tensor, b: Tensor, logit_scale: float | Tensor) -> Tensor:
@@ -153,33 +154,66 @@ def coar_loss(
     return {"total": balance + lambda_align * align, "balance": balance, "align": align}
 
 
-def id_loss(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
-    """Identity classification of both modalities through one shared classifier.
+def id_logits(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Identity logits of both modalities through one shared classifier.
+
+    Args:
+        classifier: ``nn.Linear(D, num_classes)`` shared by images and texts.
+        image_feats: (B, D) image embeddings (not normalised).
+        text_feats: (B, D) text embeddings, paired with ``image_feats``.
+
+    Returns:
+        (B, C) image and (B, C) text logits in fp32, computed in the classifier's
+        dtype whatever the autocast state: fp32, or fp16 with IRRA's fp16 weights
+        (as IRRA does).
+    """
+    if image_feats.shape != text_feats.shape:
+        raise ValueError(
+            f"id_logits needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}"
+        )
+    dtype = classifier.weight.dtype
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):
+        image_logits = classifier(image_feats.to(dtype)).float()  # B, C
+        text_logits = classifier(text_feats.to(dtype)).float()  # B, C
+    return image_logits, text_logits
+
+
+def id_loss(image_logits: Tensor, text_logits: Tensor, pids: Tensor) -> Tensor:
+    """Identity classification of both modalities (logits from `id_logits`).
 
     The instance loss of Zheng et al. (arXiv:1711.05535) as IRRA uses it: the
     mean, not the sum, of the image and text cross-entropies, so the term has
     the scale of one cross-entropy whatever the number of modalities.
 
     Args:
-        classifier: ``nn.Linear(D, num_classes)`` shared by images and texts.
-        image_feats: (B, D) image embeddings (not normalised).
-        text_feats: (B, D) text embeddings.
-        pids: (B,) identity labels in [0, num_classes).
+        image_logits: (B, C) image logits.
+        text_logits: (B, C) text logits.
+        pids: (B,) identity labels in [0, C).
 
     Returns:
-        () loss. The logits are computed in the classifier's dtype whatever the
-        autocast state: fp32, or fp16 with IRRA's fp16 weights (as IRRA does).
+        () loss.
     """
-    if image_feats.shape != text_feats.shape or pids.shape != image_feats.shape[:1]:
+    if image_logits.shape != text_logits.shape or pids.shape != image_logits.shape[:1]:
         raise ValueError(
-            f"id_loss needs paired batches, got image {tuple(image_feats.shape)}, "
-            f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
+            f"id_loss needs paired batches, got image logits {tuple(image_logits.shape)}, "
+            f"text logits {tuple(text_logits.shape)}, pids {tuple(pids.shape)}"
         )
-    dtype = classifier.weight.dtype
-    with torch.autocast(device_type=image_feats.device.type, enabled=False):
-        image_logits = classifier(image_feats.to(dtype)).float()  # B, C
-        text_logits = classifier(text_feats.to(dtype)).float()  # B, C
     return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
+
+
+def accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Share of rows whose top logit is the label, over rows not labelled
+    ``ignore_index``: a () fp32 tensor on the logits' device (no host sync; 0 when
+    every row is ignored).
+
+    Args:
+        logits: (N, C) scores.
+        labels: (N,) class ids, or ``ignore_index``.
+    """
+    counted = labels != ignore_index
+    correct = (logits.argmax(dim=-1) == labels) & counted
+    return correct.sum().float() / counted.sum().clamp(min=1).float()
 
 
 def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, epsilon: float = 1e-8) -> Tensor:

@@ -10,19 +10,27 @@ ranks them once; every rank returns rank 0's result.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from prettytable import PrettyTable
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from utils import comm
+from utils.logger import Progress
 from utils.metrics import retrieval_metrics
 from utils.misc import autocast
 
+logger = logging.getLogger(__name__)
+
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+# Seconds between progress log lines while a split is encoded (when no bar is drawn).
+PROGRESS_EVERY = 30.0
 
 
 @dataclass
@@ -87,7 +95,8 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
 
 @torch.no_grad()
 def encode_loader(model: nn.Module, loader, kind: str, device: torch.device, precision: str,
-                  usage: ExpertUsage | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  usage: ExpertUsage | None = None,
+                  progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised embeddings (N, D) on `device` and pids (N,) of one loader.
 
     A loader without batches gives (0, 0) float and (0,) long tensors.
@@ -103,6 +112,8 @@ def encode_loader(model: nn.Module, loader, kind: str, device: torch.device, pre
         pids.append(batch["pids"])
         if usage is not None:
             usage.add(kind, stats)
+        if progress is not None:
+            progress.update(1)
     if not feats:  # an empty shard
         return (torch.zeros(0, 0, device=device),
                 torch.zeros(0, dtype=torch.long, device=device))
@@ -123,23 +134,32 @@ def ranked_metrics(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, image_loader, text_loader, device: torch.device,
-             precision: str = "fp32", i2t: bool = False) -> dict:
+             precision: str = "fp32", i2t: bool = False, desc: str = "evaluation") -> dict:
     """{"t2i": {...}, "i2t": {...}?, "experts": {...}?, "num_queries", "num_gallery"}.
 
     Every rank of a process group must call this with the same full-split
     loaders; each encodes its shard (see module docstring) and all return the
-    same dict.
+    same dict. `desc` names the split in the progress lines.
     """
     core = model.module if hasattr(model, "module") else model
     rank, world_size = comm.get_rank(), comm.get_world_size()
+    if rank == 0:
+        logger.info("%s: encoding %d images and %d captions", desc, len(image_loader.dataset),
+                    len(text_loader.dataset))
+    start = time.perf_counter()
     if world_size > 1:
         image_loader = shard_loader(image_loader, rank, world_size)
         text_loader = shard_loader(text_loader, rank, world_size)
     was_training = core.training
     core.eval()
     usage = ExpertUsage()
-    image_feats, image_pids = encode_loader(core, image_loader, "image", device, precision, usage)
-    text_feats, text_pids = encode_loader(core, text_loader, "text", device, precision, usage)
+    progress = Progress(len(image_loader) + len(text_loader), f"{desc}: encoding batches",
+                        rank=rank, every=PROGRESS_EVERY)
+    image_feats, image_pids = encode_loader(core, image_loader, "image", device, precision, usage,
+                                            progress)
+    text_feats, text_pids = encode_loader(core, text_loader, "text", device, precision, usage,
+                                          progress)
+    progress.close()
     core.train(was_training)
     image_feats, image_pids = comm.all_gather_rows(image_feats), comm.all_gather_rows(image_pids)
     text_feats, text_pids = comm.all_gather_rows(text_feats), comm.all_gather_rows(text_pids)
@@ -152,4 +172,14 @@ def evaluate(model: nn.Module, image_loader, text_loader, device: torch.device,
             result["i2t"] = ranked_metrics(image_feats, text_feats, image_pids, text_pids)
         if usage.counts:
             result["experts"] = usage.summary()
+        logger.info("%s: encoded and ranked in %.1fs", desc, time.perf_counter() - start)
     return comm.broadcast_object(result)
+
+
+def metrics_table(result: dict) -> PrettyTable:
+    """The retrieval metrics of an `evaluate` result, one row per task (t2i, i2t)."""
+    table = PrettyTable(["task", *METRIC_KEYS])
+    for task in ("t2i", "i2t"):
+        if task in result:
+            table.add_row([task, *(f"{result[task][k]:.2f}" for k in METRIC_KEYS)])
+    return table

@@ -8,21 +8,20 @@ import logging
 from pathlib import Path
 
 import torch
-from prettytable import PrettyTable
 
-from datasets import (ImageAugment, TextAugment, build_dataset, build_eval_loaders,
-                      build_train_loader)
+from datasets import (DatasetError, ImageAugment, TextAugment, build_dataset, build_eval_loaders,
+                      build_train_loader, statistics_table)
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
 from model.irra import from_irra_checkpoint, is_irra_state_dict
 from solver import build_scheduler, optimizer_from_config
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from utils.config import ConfigError, save_config, to_plain
+from utils.config import ConfigError, dump_config, save_config, to_plain
 from utils.logger import setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
 
-from .evaluator import METRIC_KEYS, evaluate
+from .evaluator import evaluate, metrics_table
 from .trainer import Trainer, log_expert_usage, write_json
 
 logger = logging.getLogger("comoe")
@@ -37,9 +36,12 @@ def run_folder(cfg) -> Path:
     return Path(cfg.output_dir) / cfg.dataset.name / cfg.name
 
 
-def load_dataset(cfg):
+def load_dataset(cfg, generate: bool = False):
+    """The config's dataset. With `generate` (training only) and dataset.generate, a
+    missing dataset is first generated; evaluation never generates data, so that it
+    cannot score a run on data other than its own."""
     root = Path(cfg.dataset.root_dir)
-    if cfg.dataset.generate:
+    if generate and cfg.dataset.generate:
         from datasets.synth import ensure_synthetic
         if comm.is_main_process():
             folder = ensure_synthetic(root, cfg.dataset.name,
@@ -47,7 +49,17 @@ def load_dataset(cfg):
             logger.info("dataset.generate=true: synthetic %s-format data in %s",
                         cfg.dataset.name, folder)
         comm.barrier()
-    return build_dataset(cfg.dataset.name, root, val_ids=cfg.dataset.val_ids, seed=cfg.seed)
+    try:
+        return build_dataset(cfg.dataset.name, root, val_ids=cfg.dataset.val_ids, seed=cfg.seed)
+    except DatasetError as err:
+        if generate or not cfg.dataset.generate:
+            raise
+        from datasets.synth import FORMAT_OF_DATASET
+        raise DatasetError(
+            f"{err} Evaluation never generates data (dataset.generate=true applies to "
+            f"training only). To recreate this run's generated data: python -m "
+            f"datasets.synth --root {root} --format {FORMAT_OF_DATASET[cfg.dataset.name]} "
+            f"--num_ids {cfg.dataset.generate_num_ids} --seed {cfg.seed}") from err
 
 
 def image_augment(cfg) -> ImageAugment:
@@ -167,11 +179,13 @@ def run_training(cfg) -> dict:
     comm.barrier()
     setup_logger(run_dir, rank=comm.get_rank())
     logger.info("run folder: %s", run_dir)
+    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
     logger.info("device: %s, processes: %d", device, comm.get_world_size())
     set_seed(cfg.seed, cfg.deterministic)
     configure_backends(cfg)
 
-    dataset = load_dataset(cfg)
+    dataset = load_dataset(cfg, generate=True)
+    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
     loader = train_loader(cfg, dataset, device)
     val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
     if cfg.solver.accumulation_steps > 1:
@@ -234,17 +248,17 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
-                      i2t=cfg.eval.i2t)
+                      i2t=cfg.eval.i2t, desc="test")
     result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
     if comm.is_main_process():
-        table = PrettyTable(["task", *METRIC_KEYS])
-        for task in ("t2i", "i2t"):
-            if task in result:
-                table.add_row([task, *(f"{result[task][k]:.2f}" for k in METRIC_KEYS)])
-        logger.info("test results of %s:\n%s", checkpoint, table)
+        logger.info("test results of %s:\n%s", checkpoint, metrics_table(result))
         write_json(Path(out_dir) / "test_metrics.json", result)
-        log_expert_usage(tb_writer, result.get("experts"), int(ckpt.get("epoch") or 0),
-                         prefix="test")
+        epoch = int(ckpt.get("epoch") or 0)  # the checkpoint's point on the val/ curves
+        if tb_writer is not None:
+            for task, prefix in (("t2i", "test/"), ("i2t", "test/i2t_")):
+                for key, value in result.get(task, {}).items():
+                    tb_writer.add_scalar(f"{prefix}{key}", value, epoch)
+        log_expert_usage(tb_writer, result.get("experts"), epoch, prefix="test")
     return result
 
 
@@ -273,6 +287,7 @@ def run_test(cfg, config_file: str | Path) -> dict:
                f"{run_dir} holds no checkpoint: has training finished a validation yet?"))
     set_seed(cfg.seed)
     dataset = load_dataset(cfg)
+    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
     result = evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)
     comm.cleanup()
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -17,10 +18,11 @@ from utils import comm
 from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
                               load_model_state, restore_rng_state, sweep_temporaries)
 from utils.config import to_plain
+from utils.logger import Progress
 from utils.meter import MeterDict
 from utils.misc import autocast
 
-from .evaluator import evaluate
+from .evaluator import evaluate, metrics_table
 
 logger = logging.getLogger("comoe")
 
@@ -73,6 +75,7 @@ class Trainer:
         self._bad_step = self._bad_terms = None
         self._bad_keys: list[str] = []
         self._bad_reported = 0
+        self._run_start: tuple[float, int] | None = None  # (time, global_step) of train()
 
     # -- checkpoints --------------------------------------------------------
     def state(self) -> dict:
@@ -115,6 +118,7 @@ class Trainer:
         path = self.run_dir / name
         atomic_save(self.state() if state is None else state, path)
         sweep_temporaries(self.run_dir)
+        logger.info("saved %s at step %d", path, self.global_step)
         return path
 
     def resume(self, path: Path) -> None:
@@ -151,8 +155,10 @@ class Trainer:
         return previous
 
     # -- one step -----------------------------------------------------------
-    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
-        """Loss terms of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
+    def _forward_backward(self, batch: dict, sync: bool
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Loss terms (and their sum, `loss`) and training accuracies of one
+        (micro-)batch, the loss backpropagated with weight 1/accumulation_steps.
 
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
         Nothing here waits for the device; `_step` handles finiteness.
@@ -166,17 +172,19 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if not sync and no_sync is not None else contextlib.nullcontext():
             with autocast(self.device, self.cfg.solver.precision):
-                losses = self.model(batch)
+                losses, metrics = self.model(batch, return_metrics=True)
             total = sum(losses.values())
             scaled = total / self.accumulation_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
+        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}, metrics
 
-    def _step(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _step(self, batch: dict
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
 
-        Returns the micro-batch-averaged loss terms and a device flag, True when they
-        and the gradients are finite. A non-finite step makes no update. With a fused
+        Returns the micro-batch-averaged loss terms, a device flag, True when they
+        and the gradients are finite, and the micro-batch-averaged training
+        accuracies. A non-finite step makes no update. With a fused
         optimizer the skip happens on the device (the optimizer reads a `found_inf`
         flag, as under AMP loss scaling), so the step never waits for the device; the
         host learns of skipped steps at the next log line (`_check_nonfinite`).
@@ -184,12 +192,14 @@ class Trainer:
         """
         count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
         chunks = {k: v.chunk(count) for k, v in batch.items()}
         for i in range(count):
             micro = {k: parts[i] for k, parts in chunks.items()}
-            losses = self._forward_backward(micro, sync=i == count - 1)
-            for key, value in losses.items():
-                totals[key] = totals[key] + value / count if key in totals else value / count
+            losses, micro_metrics = self._forward_backward(micro, sync=i == count - 1)
+            for sums, values in ((totals, losses), (metrics, micro_metrics)):
+                for key, value in values.items():
+                    sums[key] = sums[key] + value / count if key in sums else value / count
         finite = torch.isfinite(totals["loss"])
         if comm.get_world_size() > 1:  # every rank skips the same steps (queued, no wait)
             finite = finite.to(torch.int32)
@@ -207,7 +217,7 @@ class Trainer:
             self._optimizer_step(None)
         else:
             self._nonfinite_now(totals)
-        return totals, finite
+        return totals, finite, metrics
 
     def _clip_gradients(self) -> torch.Tensor:
         """The total gradient norm (one multi-tensor pass), clipped to solver.grad_clip
@@ -302,6 +312,7 @@ class Trainer:
         if comm.is_main_process():
             sweep_temporaries(self.run_dir)
         previous_handlers = self._install_signal_handlers()
+        self._run_start = (time.perf_counter(), self.global_step)
         try:
             while self.epoch < num_epoch:
                 self._train_epoch(sampler)
@@ -320,7 +331,7 @@ class Trainer:
         sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         steps = len(self.train_loader) + self.batch_in_epoch
         meters = MeterDict()
-        running: dict[str, torch.Tensor] = {}  # loss sums since the last log line, on device
+        running: dict[str, torch.Tensor] = {}  # loss/accuracy sums since the last log line, on device
         running_steps = 0
         replaced_images = 0
         self.model.train()
@@ -355,13 +366,13 @@ class Trainer:
                 self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
-            losses, finite = self._step(batch)
+            losses, finite, metrics = self._step(batch)
             epoch_samples += len(batch["pids"])
             interval_samples += len(batch["pids"])
             self.batch_in_epoch += 1
             self.global_step += 1  # skipped steps count too (their schedule step was taken)
             # Sums of finite steps only, kept on the device until the log line.
-            for key, value in losses.items():
+            for key, value in (losses | metrics).items():
                 value = torch.where(finite, value, 0.0)
                 running[key] = running[key] + value if key in running else value
             running_steps = running_steps + finite.long()
@@ -375,16 +386,14 @@ class Trainer:
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, steps, **speed)
+                    self._log_step(values, list(metrics), steps, **speed)
                 running, running_steps = {}, 0
                 interval_start, interval_samples, data_wait = now, 0, 0.0
-            if progress is not None:
-                progress.update(1)
+            progress.update(1)
             every = cfg.checkpoint.every_n_steps
             if every and self.global_step % every == 0 and self.batch_in_epoch < steps:
                 self.save("last.pth")
-        if progress is not None:
-            progress.close()
+        progress.close()
         elapsed = time.perf_counter() - start
         logger.info("epoch %d/%d done in %.1fs (%.1f samples/s): %s", self.epoch + 1,
                     cfg.solver.num_epoch, elapsed,
@@ -398,36 +407,43 @@ class Trainer:
         """A stop signal reached some rank: save and leave, all ranks together."""
         path = self.run_dir / "last.pth"
         self.save("last.pth")
-        if progress is not None:
-            progress.close()
+        progress.close()
         name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
         raise StopRequested(
             f"stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}; state "
             f"saved to {path}. Resume with: python train.py --config_file "
             f"{self.run_dir / 'configs.yaml'} resume=true")
 
-    def _progress(self, steps: int):
-        if not comm.is_main_process():
-            return None
-        from tqdm import tqdm
-        return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
-                    desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
+    def _progress(self, steps: int) -> Progress:
+        return Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}",
+                        initial=self.batch_in_epoch, rank=comm.get_rank())
 
-    def _log_step(self, values: dict[str, float], steps: int, samples_per_s: float,
-                  data_wait: float) -> None:
-        """A log line: loss terms, then since the last line the throughput (all ranks,
-        data loading included) and the share of the time rank 0 waited for the data
-        loader (high: the loader is the bottleneck), and, on CUDA, this process's peak
-        allocated memory."""
+    def _eta(self, steps_per_epoch: int) -> str:
+        """Time left for the whole run (validations included) at the pace of this
+        process so far, as H:MM:SS."""
+        start_time, start_step = self._run_start
+        done = self.global_step - start_step
+        left = self.cfg.solver.num_epoch * steps_per_epoch - self.global_step
+        seconds = (time.perf_counter() - start_time) / max(done, 1) * max(left, 0)
+        return str(datetime.timedelta(seconds=round(seconds)))
+
+    def _log_step(self, values: dict[str, float], metric_names: list[str], steps: int,
+                  samples_per_s: float, data_wait: float) -> None:
+        """A log line: loss terms, training accuracies (if any), then since the last
+        line the throughput (all ranks, data loading included) and the share of the
+        time rank 0 waited for the data loader (high: the loader is the bottleneck),
+        on CUDA this process's peak allocated memory, and the run's ETA."""
         lr = self.optimizer.param_groups[0]["lr"]
         speed = f"{samples_per_s:.1f} samples/s, data wait {data_wait:.0%}"
         memory = None
         if self.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated(self.device) / 2**30
             speed += f", {memory:.2f} GiB peak"
-        logger.info("epoch %d [%d/%d] step %d lr %.2e %s | %s", self.epoch + 1, self.batch_in_epoch,
-                    steps, self.global_step, lr,
-                    " ".join(f"{k}={v:.4f}" for k, v in values.items()), speed)
+        speed += f", eta {self._eta(steps)}"
+        terms = [" ".join(f"{k}={v:.4f}" for k, v in values.items() if k not in metric_names),
+                 " ".join(f"{k}={values[k]:.4f}" for k in metric_names), speed]
+        logger.info("epoch %d [%d/%d] step %d lr %.2e %s", self.epoch + 1, self.batch_in_epoch,
+                    steps, self.global_step, lr, " | ".join(t for t in terms if t))
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, self.global_step)
@@ -440,27 +456,31 @@ class Trainer:
     def _validate(self) -> None:
         image_loader, text_loader = self.val_loaders
         result = evaluate(self.model, image_loader, text_loader, self.device,
-                          self.cfg.solver.precision)
+                          self.cfg.solver.precision, desc=f"epoch {self.epoch} validation")
         if not comm.is_main_process():
             return
         r1 = result["t2i"]["R1"]
-        logger.info("epoch %d validation t2i: %s", self.epoch,
-                    " ".join(f"{k}={v:.2f}" for k, v in result["t2i"].items()))
+        best = r1 > self.best_metric
+        logger.info("epoch %d validation (%s):\n%s", self.epoch, "new best R1" if best else
+                    f"best: R1 {self.best_metric:.2f} at epoch {self.best_epoch}",
+                    metrics_table(result))
         if self.tb is not None:
             for key, value in result["t2i"].items():
                 self.tb.add_scalar(f"val/{key}", value, self.epoch)
             log_expert_usage(self.tb, result.get("experts"), self.epoch, prefix="val")
-        if r1 > self.best_metric:
+        if best:
             self.best_metric, self.best_epoch = r1, self.epoch
             self.save("best.pth", self.model_state({"split": "val", "t2i": result["t2i"]}))
-            logger.info("new best val R1 %.2f at epoch %d -> best.pth", r1, self.epoch)
 
 
 def log_expert_usage(tb, experts: dict | None, step: int, prefix: str) -> None:
+    """Expert usage and entropy per layer in TensorBoard. Layers are numbered from 1
+    and experts from 0, as in the figures of utils/visualization.py."""
     if tb is None or not experts:
         return
     for modality, summary in experts.items():
-        for layer, (usage, entropy) in enumerate(zip(summary["usage"], summary["entropy"])):
+        for layer, (usage, entropy) in enumerate(zip(summary["usage"], summary["entropy"]),
+                                                 start=1):
             tb.add_scalar(f"{prefix}/experts/{modality}_entropy_layer{layer}", entropy, step)
             for expert, share in enumerate(usage):
                 tb.add_scalar(f"{prefix}/experts/{modality}_layer{layer}_expert{expert}", share,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -281,15 +282,17 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 def _logged_values(log: str) -> list[tuple[str, list[float]]]:
-    """(line prefix, numbers) of every step and validation line of a train.log."""
+    """(line prefix, numbers) of every step line and metrics-table row of a train.log."""
     out = []
     for line in log.splitlines():
-        for marker in (" step ", " validation "):
-            if marker in line:
-                text = line.split("INFO: ", 1)[1]
-                head, _, tail = text.partition(marker)
-                values = [float(part.split("=")[1]) for part in tail.split() if "=" in part]
-                out.append((head + marker + tail.split()[0], values))
+        if line.startswith(("| t2i ", "| i2t ")):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            out.append((cells[0], [float(cell) for cell in cells[1:]]))
+        elif re.search(r"\] step \d+ lr ", line):
+            text = line.split("INFO: ", 1)[1]
+            head, _, tail = text.partition(" step ")
+            values = [float(part.split("=")[1]) for part in tail.split() if "=" in part]
+            out.append((head + " step " + tail.split()[0], values))
     return out
 
 

@@ -48,10 +48,11 @@ def test_train_then_test_writes_outputs_and_sane_metrics(synth_root, tmp_path):
     assert sum(experts["text"]["usage"][0]) == pytest.approx(1.0, abs=1e-4)
     assert result["t2i"] == saved["t2i"]
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
-    # Every log line and epoch summary reports the throughput (no GPU memory on the CPU).
+    # Every log line and epoch summary reports the throughput (no GPU memory on the CPU);
+    # log lines end with the run's ETA.
     log = (run / "train.log").read_text()
-    steps = re.findall(r" step \d+ lr \S+ .*loss=[0-9.]+ \| ([0-9.]+) samples/s, data wait \d+%$",
-                       log, re.M)
+    steps = re.findall(r" step \d+ lr \S+ .*loss=[0-9.]+ \| ([0-9.]+) samples/s, data wait \d+%, "
+                       r"eta \d+:\d\d:\d\d$", log, re.M)
     epochs = re.findall(r"done in [0-9.]+s \(([0-9.]+) samples/s\)", log)
     assert len(steps) >= 4 and len(epochs) == 2, log
     assert all(float(rate) > 0 for rate in steps + epochs)

@@ -138,12 +138,13 @@ def _nan_after(model_cls, calls: int):
     original = model_cls.forward
     counter = {"n": 0}
 
-    def forward(self, batch):
+    def forward(self, batch, **kwargs):
         counter["n"] += 1
-        losses = original(self, batch)
+        out = original(self, batch, **kwargs)
+        losses = out[0] if isinstance(out, tuple) else out
         if counter["n"] >= calls:
             losses["sdm"] = losses["sdm"] * float("nan")
-        return losses
+        return out
     return forward
 
 
@@ -170,11 +171,11 @@ def _spoil_forward(monkeypatch, spoil) -> list:
     original = RetrievalModel.forward
     params_seen = []
 
-    def forward(self, batch):
+    def forward(self, batch, **kwargs):
         params_seen.append(self.backbone.visual.proj.detach().clone())
-        losses = original(self, batch)
-        spoil(self, losses, len(params_seen))
-        return losses
+        out = original(self, batch, **kwargs)
+        spoil(self, out[0] if isinstance(out, tuple) else out, len(params_seen))
+        return out
     monkeypatch.setattr(RetrievalModel, "forward", forward)
     return params_seen
 

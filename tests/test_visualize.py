@@ -13,6 +13,7 @@ import visualize
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
 from utils import visualization as vis
+from utils.arguments import split_overrides
 from utils.config import ConfigError
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -128,7 +129,7 @@ def test_plots_accept_any_number_of_layers_and_experts(tmp_path):
 
 
 def test_split_overrides_keeps_query_text_with_equals_signs():
-    own, overrides = vis.split_overrides(
+    own, overrides = split_overrides(
         ["--indices", "1", "2", "device=cpu", "--query", "size=large coat", "eval.batch_size=8"],
         ("--query",))
     assert own == ["--indices", "1", "2", "--query", "size=large coat"]

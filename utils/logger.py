@@ -1,34 +1,98 @@
-"""Logging to the console and `train.log`; only rank 0 speaks."""
+"""One logging set-up for the whole codebase; only rank 0 speaks.
+
+Modules log through `logging.getLogger(__name__)` (the entry points through the
+`comoe` logger). `setup_logger` sends all of them, and Python warnings, with
+timestamps to the console and to the run's log file. Console lines go through
+`tqdm.write`, which lifts a live progress bar out of the way and redraws it
+after the line; progress bars are drawn only when stderr is a terminal.
+"""
 from __future__ import annotations
 
 import logging
 import sys
+import time
+import warnings
 from pathlib import Path
 
+from tqdm import tqdm
+
 LOGGER_NAME = "comoe"
+# Loggers of this codebase (module loggers are children of their package's) that
+# log at INFO; other libraries' loggers keep Python's default level, WARNING.
+PACKAGE_LOGGERS = (LOGGER_NAME, "datasets", "model", "processor", "solver", "utils")
+FORMAT = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+_installed: list[logging.Handler] = []  # the root handlers of the current set-up
 
 
-def setup_logger(output_dir: str | Path | None, rank: int = 0, filename: str = "train.log",
-                 name: str = LOGGER_NAME) -> logging.Logger:
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` replacement: Python warnings become log records."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    logging.getLogger("py.warnings").warning("%s", text.rstrip())
+
+
+class TqdmConsoleHandler(logging.StreamHandler):
+    """A console handler that never writes into a live tqdm bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must not raise; report as logging does
+            self.handleError(record)
+
+
+def setup_logger(output_dir: str | Path | None, rank: int = 0,
+                 filename: str = "train.log") -> logging.Logger:
+    """Route this codebase's loggers and Python warnings to the console and to
+    `output_dir/filename` (rank 0; other ranks stay silent). Calling it again
+    replaces the previous set-up. Returns the `comoe` logger."""
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
         handler.close()
+    _installed.clear()
+    for name in PACKAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = True
+    warnings.showwarning = _log_warning
     if rank != 0:
-        logger.addHandler(logging.NullHandler())
-        return logger
-    fmt = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    logger.addHandler(console)
-    if output_dir is not None:
-        file_handler = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
-    return logger
-
-
-def get_logger() -> logging.Logger:
+        handlers: list[logging.Handler] = [logging.NullHandler()]
+    else:
+        handlers = [TqdmConsoleHandler(sys.stdout)]
+        if output_dir is not None:
+            handlers.append(logging.FileHandler(Path(output_dir) / filename, mode="a",
+                                                encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(FORMAT)
+        root.addHandler(handler)
+        _installed.append(handler)
     return logging.getLogger(LOGGER_NAME)
+
+
+class Progress:
+    """Progress of a loop on rank 0: a tqdm bar when stderr is a terminal, otherwise
+    (no bar frames in a redirected stderr) a log line at most every `every` seconds,
+    or none when `every` is None."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, rank: int = 0,
+                 every: float | None = None) -> None:
+        self.total, self.desc, self.done = total, desc, initial
+        self.every = every if rank == 0 else None
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+        self._last_line = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.every is not None and time.perf_counter() - self._last_line >= self.every:
+            self._last_line = time.perf_counter()
+            logging.getLogger(LOGGER_NAME).info("%s: %d/%d", self.desc, self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

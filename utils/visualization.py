@@ -409,24 +409,3 @@ def render_query(query: RankedQuery, path: str | os.PathLike, num_columns: int,
                           num_rows=num_rows, matches=query.matches, status=status,
                           status_colour=colour, labels=labels)
 
-
-OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
-
-
-def split_overrides(argv: Sequence[str],
-                    value_options: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate `key=value` config overrides from a script's own arguments.
-
-    Overrides may stand anywhere (also after an option taking several values);
-    a token right after one of `value_options` (e.g. --query) is always that
-    option's value, so a query text containing "=" stays a query.
-    """
-    own, overrides = [], []
-    previous = None
-    for token in argv:
-        if previous not in value_options and OVERRIDE_PATTERN.match(token):
-            overrides.append(token)
-        else:
-            own.append(token)
-        previous = token
-    return own, overrides
