@@ -31,7 +31,6 @@ __all__ = [
     "AUX_INPUTS",
     "GATE_MODES",
     "MODALITIES",
-    "BottleneckExpert",
     "ExpertPool",
     "MoELayer",
     "MoETokenOutput",
@@ -129,48 +128,37 @@ class RoutingStats:
         return self.counts / self.counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-class BottleneckExpert(nn.Module):
-    """Bottleneck adapter D -> D/r -> D with GELU and dropout.
-
-    The up-projection is zero-initialised, so a fresh expert outputs zeros.
-    """
-
-    def __init__(self, dim: int, reduction: int = 8, dropout: float = 0.1) -> None:
-        super().__init__()
-        hidden = dim // reduction
-        if reduction < 1 or hidden < 1:
-            raise ValueError(
-                f"expert reduction must satisfy 1 <= reduction <= dim (dim={dim}), got {reduction}"
-            )
-        self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-        self.up = nn.Linear(hidden, dim)
-        nn.init.trunc_normal_(self.down.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N, D) -> (N, D)."""
-        return self.up(self.drop(self.act(self.down(x))))
-
-
 class ExpertPool(nn.Module):
-    """`num_experts` bottleneck experts shared by both modalities."""
+    """`num_experts` bottleneck adapters D -> H -> D (H = D // reduction, GELU, dropout)
+    shared by both modalities, stored stacked and run together.
+
+    Parameters: ``down.weight`` (E, D, H), ``down.bias`` (E, H), ``up.weight`` (E, H, D),
+    ``up.bias`` (E, D); expert e maps x (D,) to
+    ``dropout(gelu(x @ down.weight[e] + down.bias[e])) @ up.weight[e] + up.bias[e]``.
+    The up-projection is zero-initialised, so a fresh pool outputs zeros. Checkpoints
+    written with one ``nn.Linear`` pair per expert (``experts.<e>.down.weight`` ...)
+    are converted when loaded.
+    """
 
     def __init__(self, dim: int, num_experts: int, reduction: int = 8, dropout: float = 0.1) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        self.experts = nn.ModuleList(
-            BottleneckExpert(dim, reduction, dropout) for _ in range(num_experts)
-        )
+        hidden = dim // reduction
+        if reduction < 1 or hidden < 1:
+            raise ValueError(
+                f"expert reduction must satisfy 1 <= reduction <= dim (dim={dim}), got {reduction}"
+            )
+        self.num_experts = num_experts
         self.dropout = dropout
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
+        # Names ending in .weight / .bias, like nn.Linear's, so that the optimizer's
+        # rules for biases (lr factor, no weight decay) apply to the stacked biases.
+        self.down = nn.ParameterDict({"weight": nn.Parameter(torch.empty(num_experts, dim, hidden)),
+                                      "bias": nn.Parameter(torch.zeros(num_experts, hidden))})
+        self.up = nn.ParameterDict({"weight": nn.Parameter(torch.zeros(num_experts, hidden, dim)),
+                                    "bias": nn.Parameter(torch.zeros(num_experts, dim))})
+        nn.init.trunc_normal_(self.down.weight, std=0.02)
+        self.register_load_state_dict_pre_hook(_stack_per_expert_state)
 
     def forward(self, x: Tensor, selected: Tensor, weights: Tensor) -> Tensor:
         """Run every token through its selected experts and combine.
@@ -181,7 +169,7 @@ class ExpertPool(nn.Module):
             weights: (N, k) combine weights.
 
         Returns:
-            (N, D): ``sum_j weights[n, j] * expert[selected[n, j]](x[n])`` in
+            (N, D): ``sum_j weights[n, j] * expert_{selected[n, j]}(x[n])`` in
             ``x.dtype``.
         """
         # Dense dispatch: every expert sees every token and unselected experts get
@@ -190,23 +178,44 @@ class ExpertPool(nn.Module):
         # sync, torch.compile-friendly, and every expert stays in the autograd
         # graph (DDP needs no find_unused_parameters).
         #
-        # All E experts run as one bottleneck of width E*H: the down-projections are
-        # stacked into one matmul, each expert's hidden units are scaled by its
-        # combine weight, and the up-projection then sums the experts inside one
-        # matmul (fp32 accumulation). Two matmuls instead of 2E, the same function.
-        n, num_experts = x.shape[0], self.num_experts
+        # All E experts run as one bottleneck of width E*H: one matmul for the
+        # down-projections, each expert's hidden units scaled by its combine weight,
+        # and one matmul for the up-projections that also sums the experts (fp32
+        # accumulation).
+        n, dim = x.shape
+        num_experts, hidden_dim = self.down.bias.shape
         combine = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device)  # N, E
         combine.scatter_(1, selected, weights.float())
-        downs = [expert.down for expert in self.experts]
-        ups = [expert.up for expert in self.experts]
-        hidden = F.linear(x, torch.cat([d.weight for d in downs]), torch.cat([d.bias for d in downs]))
-        hidden = F.dropout(F.gelu(hidden), self.dropout, self.training)  # N, E*H
-        hidden = hidden.view(n, num_experts, -1) * combine.unsqueeze(2).to(hidden.dtype)
-        # The up-projections' biases ride along as E extra input columns (the combine
-        # weights), so the same matmul adds sum_e combine[n, e] * bias_e.
+        down = self.down.weight.transpose(0, 1).reshape(dim, num_experts * hidden_dim)  # D, E*H
+        hidden = torch.addmm(self.down.bias.flatten(), x, down)  # N, E*H
+        hidden = F.dropout(F.gelu(hidden), self.dropout, self.training)
+        hidden = hidden.view(n, num_experts, hidden_dim) * combine.unsqueeze(2).to(hidden.dtype)
+        # The up-projections' biases ride along as E extra rows of the weight, fed the
+        # combine weights, so the same matmul adds sum_e combine[n, e] * up.bias[e].
         hidden = torch.cat([hidden.flatten(1), combine.to(hidden.dtype)], dim=1)  # N, E*H + E
-        up = torch.cat([*(u.weight for u in ups), torch.stack([u.bias for u in ups], dim=1)], dim=1)
-        return F.linear(hidden, up).to(x.dtype)  # N, D
+        up = torch.cat([self.up.weight.flatten(0, 1), self.up.bias])  # E*H + E, D
+        return torch.mm(hidden, up).to(x.dtype)  # N, D
+
+    def extra_repr(self) -> str:
+        num_experts, dim, hidden = self.down.weight.shape
+        return f"num_experts={num_experts}, dim={dim}, hidden={hidden}, dropout={self.dropout}"
+
+
+def _stack_per_expert_state(module: ExpertPool, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: convert the per-expert layout of older checkpoints,
+    ``experts.<e>.{down,up}.{weight,bias}`` with nn.Linear's (out, in) weights, into
+    the stacked parameters, in place. Incomplete sets are left for the load to report."""
+    old_prefix = f"{prefix}experts."
+    count = sum(key.startswith(old_prefix) for key in state_dict) // 4
+    names = [f"{layer}.{param}" for layer in ("down", "up") for param in ("weight", "bias")]
+    keys = {name: [f"{old_prefix}{e}.{name}" for e in range(count)] for name in names}
+    if count == 0 or not all(key in state_dict for group in keys.values() for key in group):
+        return
+    for name, group in keys.items():
+        tensors = [state_dict.pop(key) for key in group]
+        if name.endswith("weight"):
+            tensors = [t.t() for t in tensors]  # (out, in) -> (in, out)
+        state_dict[f"{prefix}{name}"] = torch.stack(tensors)
 
 
 class RouterOutput(NamedTuple):

@@ -235,7 +235,7 @@ def test_two_ranks_compiled_match_eager(tmp_path):
         assert losses.keys() == eager_losses.keys()
         for key in losses:
             assert _max_diff(losses[key], eager_losses[key]) <= 1e-5, key
-        assert grads.keys() == eager_grads.keys() and len(grads) > 100
+        assert grads.keys() == eager_grads.keys() and len(grads) > 80
         assert max(_scaled_diff(grads[n], eager_grads[n]) for n in grads) <= 1e-5
 
 

@@ -25,8 +25,14 @@ def _perturb_experts(module: torch.nn.Module, std: float = 0.2) -> None:
     branch contributes (a fresh pool outputs exactly zero)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if ".up." in name:
+            if f".{name}".endswith((".up.weight", ".up.bias")):
                 p.normal_(0.0, std)
+
+
+def _expert(pool: ExpertPool, e: int, h: torch.Tensor) -> torch.Tensor:
+    """Expert e of the pool on one token h (D,), written out (no dropout)."""
+    hidden = torch.nn.functional.gelu(h @ pool.down.weight[e] + pool.down.bias[e])
+    return hidden @ pool.up.weight[e] + pool.up.bias[e]
 
 
 def _text_valid(lengths, length):
@@ -50,7 +56,7 @@ def _reference_route(layer: MoELayer, x: torch.Tensor, modality: str):
         top = torch.stack([z[e] for e in order])
         w = torch.exp(top - top.max())
         w = w / w.sum()
-        out = sum(w[j] * layer.expert_pool.experts[e](h.unsqueeze(0))[0] for j, e in enumerate(order))
+        out = sum(w[j] * _expert(layer.expert_pool, e, h) for j, e in enumerate(order))
         selected.append(order)
         weights.append(w)
         outs.append(out)
@@ -175,7 +181,7 @@ def test_expert_pool_matches_a_loop_over_experts_with_gradients():
     selected = torch.stack([torch.randperm(3)[:2] for _ in range(20)])
     weights = torch.rand(20, 2).softmax(-1)
     out = pool(x, selected, weights)
-    ref = torch.stack([sum(weights[n, j] * pool.experts[int(e)](x[n:n + 1])[0]
+    ref = torch.stack([sum(weights[n, j] * _expert(pool, int(e), x[n])
                            for j, e in enumerate(selected[n])) for n in range(20)])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     probe = torch.randn_like(out)
@@ -390,3 +396,62 @@ def test_default_head_parameter_count():
         + 3 * 512 * 4 + 1  # image, text and auxiliary gates, alpha
     )
     assert sum(p.numel() for p in head.parameters()) == 4 * per_block
+
+
+def test_expert_pool_is_stacked_and_loads_per_expert_state_dicts():
+    """One implementation: the pool's stacked parameters and forward. A state dict of
+    the older layout (one nn.Linear pair per expert) loads and computes the same."""
+    torch.manual_seed(0)
+    dim, num_experts, hidden = 12, 3, 4
+    pool = ExpertPool(dim, num_experts, reduction=3, dropout=0.0)
+    assert {n: tuple(p.shape) for n, p in pool.named_parameters()} == {
+        "down.weight": (3, 12, 4), "down.bias": (3, 4), "up.weight": (3, 4, 12), "up.bias": (3, 12)}
+    downs = [torch.nn.Linear(dim, hidden) for _ in range(num_experts)]
+    ups = [torch.nn.Linear(hidden, dim) for _ in range(num_experts)]
+    old = {f"experts.{e}.{name}.{param}": getattr(lin, param).detach().clone()
+           for e in range(num_experts) for name, lin in (("down", downs[e]), ("up", ups[e]))
+           for param in ("weight", "bias")}
+    pool.load_state_dict(old)
+    x = torch.randn(20, dim)
+    selected = torch.stack([torch.randperm(num_experts)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2).softmax(-1)
+    with torch.no_grad():
+        ref = torch.stack([sum(weights[n, j] * ups[e](torch.nn.functional.gelu(downs[e](x[n])))
+                               for j, e in enumerate(selected[n].tolist())) for n in range(20)])
+        torch.testing.assert_close(pool(x, selected, weights), ref, rtol=1e-5, atol=1e-6)
+
+
+def _per_expert_layout(state: dict) -> dict:
+    """A model state dict rewritten in the older per-expert layout of the pools."""
+    old = {}
+    for key, value in state.items():
+        prefix, found, name = key.partition("expert_pool.")
+        if not found:
+            old[key] = value
+            continue
+        for e, tensor in enumerate(value):  # nn.Linear weights are (out, in)
+            old[f"{prefix}expert_pool.experts.{e}.{name}"] = tensor.t() if name.endswith("weight") else tensor
+    return old
+
+
+def test_old_checkpoints_load_through_load_model_state():
+    from conftest import TINY_MODEL
+    from model import build_model
+    from utils.checkpoint import CheckpointError, load_model_state
+    from utils.config import load_config
+    cfg = load_config(None, TINY_MODEL + ["moe.layers=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _perturb_experts(model)
+    state = model.state_dict()
+    old = _per_expert_layout(state)
+    assert "head.blocks.1.moe.expert_pool.experts.3.up.bias" in old
+    torch.manual_seed(1)
+    fresh = build_model(cfg)
+    load_model_state(fresh, {"model": old})
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # A converted tensor of the wrong shape is reported like any other mismatch.
+    narrow = build_model(load_config(None, TINY_MODEL + ["moe.layers=2", "moe.reduction=2"]))
+    with pytest.raises(CheckpointError, match=r"size mismatch for head\.blocks\.0\.moe\.expert_pool"):
+        load_model_state(narrow, {"model": old})
