@@ -175,7 +175,8 @@ class RetrievalModel(nn.Module):
         if self.head is None:
             return global_feat, []
         valid = text_valid_mask(caption_ids)
-        head_tokens, stats = self.head(tokens, valid, "text")
+        eot = caption_ids.argmax(dim=-1)  # B; the EOT id is the largest in the vocabulary
+        head_tokens, stats = self.head(tokens, valid, "text", global_pos=eot)
         return fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
                          num_experts=m.num_experts, topk=m.topk, reduction=m.reduction,
                          mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                          expert_dropout=m.expert_dropout, gate=m.gate, aux_input=m.aux_input,
-                         mix_init=m.mix_init)
+                         mix_init=m.mix_init, combine=m.combine)
     names = parse_loss_names(cfg.loss.names, head is not None)
     weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
     losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
