@@ -27,6 +27,7 @@ class LossConfig:
     names: tuple[str, ...] = ("sdm", "itc", "coar")
     weights: dict[str, float] = field(default_factory=dict)
     lambda_align: float = 0.1
+    balance: str = "joint"
     temperature: float = 0.02
     mlm_select_prob: float = 0.15
     mlm_mask_prob: float = 0.8
@@ -203,7 +204,8 @@ class RetrievalModel(nn.Module):
                 all_image, all_text, self.logit_scale)
         if "coar" in names:
             coar = objectives.coar_loss(*_all_reduce_stats(image_stats, text_stats),
-                                        lambda_align=self.losses.lambda_align)
+                                        lambda_align=self.losses.lambda_align,
+                                        balance=self.losses.balance)
             out["coar"] = weights.get("coar", 1.0) * coar["total"]
         if "id" in names:
             out["id"] = weights.get("id", 1.0) * objectives.id_loss(
@@ -249,6 +251,7 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
     names = parse_loss_names(cfg.loss.names, head is not None)
     weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
     losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
+                        balance=cfg.moe.balance,
                         temperature=cfg.model.temperature,
                         mlm_select_prob=cfg.loss.mlm_select_prob,
                         mlm_mask_prob=cfg.loss.mlm_mask_prob,

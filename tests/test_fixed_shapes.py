@@ -48,8 +48,10 @@ def _batch(size: int = 8, length: int = 24) -> dict:
             "pids": torch.arange(size) // 2, "image_ids": torch.arange(size)}
 
 
-# Routing by each sample's global token (a gather), top-1 with the "prob" combine rule.
-ROUTING_VARIANT = ["moe.aux_input=context", "moe.topk=1", "moe.combine=prob"]
+# Routing by each sample's global token (a gather), top-1 with the "prob" combine rule
+# and the per-modality CoAR balance.
+ROUTING_VARIANT = ["moe.aux_input=context", "moe.topk=1", "moe.combine=prob",
+                   "moe.balance=per_modality"]
 
 
 @pytest.mark.parametrize("names,head,extra", [("sdm+itc+coar", "comoe", []),

@@ -84,6 +84,7 @@ CHOICES = {
     "moe.gate": ("modality+aux", "modality", "shared"),
     "moe.aux_input": ("prompt", "context", "token"),
     "moe.combine": ("renorm", "prob"),
+    "moe.balance": ("joint", "per_modality"),
     "solver.optimizer": ("adamw", "adam"),
     "solver.optimizer_kernel": ("auto", "fused", "foreach"),
     "solver.compile_mode": ("default", "reduce-overhead", "max-autotune"),
