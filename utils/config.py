@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -18,6 +19,10 @@ FREE_FORM_KEYS = {"model.arch"}
 
 class ConfigError(ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
+
+
+class ConfigWarning(UserWarning):
+    """A valid config that probably does not do what was meant."""
 
 
 def _read_yaml(path: Path) -> dict:
@@ -116,6 +121,30 @@ def _check_choices(cfg: Mapping, source: str) -> None:
             f"the memory that holds the gradients between micro-batches. Use "
             f"solver.compile_mode=default, or solver.accumulation_steps=1 with a smaller "
             f"solver.batch_size")
+    if cfg["model"]["head"] == "comoe":
+        _check_comoe(cfg["model"], cfg["moe"], source)
+
+
+def _check_comoe(model: Mapping, moe: Mapping, source: str) -> None:
+    """Settings of a CoMoE head that train something other than what they name."""
+    if model["embed"] == "global":
+        raise ConfigError(
+            f"{source}: model.embed=global with model.head=comoe leaves the head out of the "
+            f"embeddings, so the retrieval losses never train it (and DDP stops on its unused "
+            f"parameters). Use model.embed=sum or mean, or model.head=none")
+    num_experts, topk = moe["num_experts"], moe["topk"]
+    if num_experts == 0:
+        return
+    if topk == 1 and moe["combine"] == "renorm":
+        raise ConfigError(
+            f"{source}: moe.combine=renorm with moe.topk=1 gives every token the combine weight "
+            f"softmax(one logit) = 1, so the task losses send no gradient to the router (only "
+            f"CoAR, if used, trains it). Use moe.combine=prob (the selected expert's router probability)")
+    if topk == num_experts:
+        warnings.warn(ConfigWarning(
+            f"{source}: moe.topk = moe.num_experts = {topk}: every token uses every expert "
+            f"(dense routing), and the CoAR balance term is the constant 1. An ablation of the "
+            f"number of experts or of k should keep moe.topk < moe.num_experts"), stacklevel=4)
 
 
 def _merge(base: dict, update: Mapping, source: str, prefix: str = "") -> None:
