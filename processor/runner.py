@@ -22,7 +22,7 @@ from utils.config import ConfigError, save_config, to_plain
 from utils.logger import setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
 
-from .evaluator import METRIC_KEYS, evaluate
+from .evaluator import METRIC_KEYS, QUICK_AUDIT_SAMPLES, evaluate
 from .trainer import Trainer, log_expert_usage, write_json
 
 logger = logging.getLogger("comoe")
@@ -222,7 +222,9 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
-                      i2t=cfg.eval.i2t)
+                      i2t=cfg.eval.i2t,
+                      audit_samples=cfg.eval.audit_samples if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
+                      audit_tolerance=cfg.eval.audit_tolerance or None)
     result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
     if comm.is_main_process():
         table = PrettyTable(["task", *METRIC_KEYS])

@@ -121,6 +121,10 @@ def _check_choices(cfg: Mapping, source: str) -> None:
             f"the memory that holds the gradients between micro-batches. Use "
             f"solver.compile_mode=default, or solver.accumulation_steps=1 with a smaller "
             f"solver.batch_size")
+    if cfg["eval"]["audit_samples"] < 1 or cfg["eval"]["audit_tolerance"] < 0:
+        raise ConfigError(
+            f"{source}: eval.audit_samples must be >= 1 and eval.audit_tolerance >= 0 (0: by "
+            f"precision); got {cfg['eval']['audit_samples']} and {cfg['eval']['audit_tolerance']}")
     if cfg["model"]["head"] == "comoe":
         _check_comoe(cfg["model"], cfg["moe"], source)
 
