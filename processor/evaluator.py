@@ -37,7 +37,8 @@ QUICK_AUDIT_SAMPLES = 16
 # reduction orders, and lower precisions round their results. Measured on the CPU
 # (ViT-B/16 sizes, random weights, each sample alone vs in a batch of 8): fp32 8e-8,
 # bf16 1.3e-3, fp16 0. TF32 (fp32 on CUDA with TF32 matmuls or convolutions allowed)
-# keeps fp16's 10-bit mantissa. A batch leak moves embeddings by far more: adding the
+# keeps fp16's 10-bit mantissa; fp16 or bf16 weights (a legacy training mode) round
+# like the autocast precision of their type. A batch leak moves embeddings by far more: adding the
 # batch mean, or attending over the batch (METHOD's §7 pitfall), changes them by O(0.1).
 AUDIT_TOLERANCES = {"fp32": 1e-4, "tf32": 2e-3, "fp16": 2e-3, "bf16": 1e-2}
 
@@ -142,12 +143,17 @@ def ranked_metrics(query: torch.Tensor, gallery: torch.Tensor, query_pids: torch
     return {key: value / len(query) for key, value in totals.items()}
 
 
-def audit_tolerance(precision: str, device: torch.device) -> tuple[str, float]:
-    """(arithmetic, tolerance) of an evaluation in `precision` on `device`; see
+def audit_tolerance(model: nn.Module, precision: str, device: torch.device) -> tuple[str, float]:
+    """(arithmetic, tolerance) of `model` evaluated in `precision` on `device`; see
     AUDIT_TOLERANCES."""
-    if precision == "fp32" and device.type == "cuda" and (
-            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
-        return "tf32", AUDIT_TOLERANCES["tf32"]
+    if precision == "fp32":
+        weights = {p.dtype for p in model.parameters()}
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            if dtype in weights:
+                return f"{name} weights", AUDIT_TOLERANCES[name]
+        if device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
+                                      or torch.backends.cudnn.allow_tf32):
+            return "tf32", AUDIT_TOLERANCES["tf32"]
     return precision, AUDIT_TOLERANCES[precision]
 
 
@@ -195,13 +201,13 @@ def leak_audit(model: nn.Module, loaders: dict, references: dict, device: torch.
         loaders, references: {"image": ..., "text": ...} evaluation loaders and the
             embeddings they gave.
         tolerance: largest allowed difference; None: AUDIT_TOLERANCES for the
-            arithmetic of `precision` on `device`.
+            arithmetic of `model` in `precision` on `device`.
 
     Returns:
         {"samples": {"text", "image"}, "max_diff": {"text", "image"}, "arithmetic",
         "tolerance", "passed"}, the result for test_metrics.json.
     """
-    arithmetic, default = audit_tolerance(precision, device)
+    arithmetic, default = audit_tolerance(model, precision, device)
     tolerance = default if tolerance is None else tolerance
     parts = {kind: audit_embeddings(model, loaders[kind], kind, references[kind], device,
                                     precision, num_samples) for kind in ("text", "image")}

@@ -67,9 +67,12 @@ def test_a_head_that_adds_the_batch_mean_fails_the_audit(synth_root, monkeypatch
 
 
 def test_audit_tolerance_follows_the_arithmetic():
-    assert audit_tolerance("fp32", CPU) == ("fp32", 1e-4)
-    assert audit_tolerance("bf16", CPU) == ("bf16", 1e-2)
-    assert audit_tolerance("fp16", CPU) == ("fp16", 2e-3)
+    net = torch.nn.Linear(2, 2)
+    assert audit_tolerance(net, "fp32", CPU) == ("fp32", 1e-4)
+    assert audit_tolerance(net, "bf16", CPU) == ("bf16", 1e-2)
+    assert audit_tolerance(net, "fp16", CPU) == ("fp16", 2e-3)
+    # fp16 weights (IRRA's legacy training) round like fp16 even under "fp32".
+    assert audit_tolerance(net.half(), "fp32", CPU) == ("fp16 weights", 2e-3)
     for bad in ("eval.audit_samples=0", "eval.audit_tolerance=-1e-3"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config(None, [bad])
