@@ -6,7 +6,7 @@ import sys
 # Errors whose message already says what to fix; no traceback is needed.
 EXPECTED_ERRORS = ("ConfigError", "DatasetError", "BadImageError", "CheckpointError",
                    "CheckpointMismatchError", "RunFolderError", "NonFiniteLossError",
-                   "PretrainedWeightsUnavailable", "UnsupportedTorchError")
+                   "PretrainedWeightsUnavailable", "UnsupportedTorchError", "LeakAuditError")
 
 
 def run_cli(main) -> int:

@@ -28,6 +28,7 @@ class LossConfig:
     names: tuple[str, ...] = ("sdm", "itc", "coar")
     weights: dict[str, float] = field(default_factory=dict)
     lambda_align: float = 0.1
+    balance: str = "joint"
     temperature: float = 0.02
     mlm_select_prob: float = 0.15
     mlm_mask_prob: float = 0.8
@@ -179,7 +180,8 @@ class RetrievalModel(nn.Module):
         if self.head is None:
             return global_feat, []
         valid = text_valid_mask(caption_ids)
-        head_tokens, stats = self.head(tokens, valid, "text")
+        eot = caption_ids.argmax(dim=-1)  # B; the EOT id is the largest in the vocabulary
+        head_tokens, stats = self.head(tokens, valid, "text", global_pos=eot)
         return fuse_embedding(global_feat, head_tokens, valid, self.embed_mode), stats
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,7 +220,8 @@ class RetrievalModel(nn.Module):
                 all_image, all_text, self.logit_scale)
         if "coar" in names:
             coar = objectives.coar_loss(*_all_reduce_stats(image_stats, text_stats),
-                                        lambda_align=self.losses.lambda_align)
+                                        lambda_align=self.losses.lambda_align,
+                                        balance=self.losses.balance)
             out["coar"] = weights.get("coar", 1.0) * coar["total"]
         if "id" in names:
             image_logits, text_logits = objectives.id_logits(self.classifier, image_feats,
@@ -276,10 +279,11 @@ def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
                          num_experts=m.num_experts, topk=m.topk, reduction=m.reduction,
                          mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                          expert_dropout=m.expert_dropout, gate=m.gate, aux_input=m.aux_input,
-                         mix_init=m.mix_init)
+                         mix_init=m.mix_init, combine=m.combine)
     names = parse_loss_names(cfg.loss.names, head is not None)
     weights = {name: float(cfg.loss[f"{name}_weight"]) for name in names}
     losses = LossConfig(names=names, weights=weights, lambda_align=cfg.loss.lambda_align,
+                        balance=cfg.moe.balance,
                         temperature=cfg.model.temperature,
                         mlm_select_prob=cfg.loss.mlm_select_prob,
                         mlm_mask_prob=cfg.loss.mlm_mask_prob,

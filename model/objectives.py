@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from model.moe import RoutingStats
 
-__all__ = ["accuracy", "cmpm_loss", "coar_loss", "id_logits", "id_loss", "itc_loss", "js_divergence",
+__all__ = ["BALANCE_MODES", "accuracy", "cmpm_loss", "coar_loss", "id_logits", "id_loss", "itc_loss",
+           "js_divergence",
            "mlm_loss", "sdm_loss"]
 
 
@@ -90,18 +91,30 @@ def itc_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tenso
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(image_to_text.t(), targets)) / 2
 
 
-def js_divergence(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of distributions over the last dim."""
+def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of distributions over the last dim.
+
+    Probabilities are clamped to at least `eps` first: at an exact 0 the gradient of
+    p log(p / m) is 0 * inf = NaN (an expert that a modality never gives any
+    probability, or a modality without tokens). The clamp changes the value by a
+    negligible amount (of order ``eps * E * log(1 / eps)``) and passes no gradient
+    to the clamped entries.
+    """
+    p, q = p.clamp(min=eps), q.clamp(min=eps)
     m = (p + q) / 2
     kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim=-1)
     kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(dim=-1)
     return (kl_pm + kl_qm) / 2
 
 
+BALANCE_MODES = ("joint", "per_modality")
+
+
 def coar_loss(
     image_stats: Sequence[RoutingStats],
     text_stats: Sequence[RoutingStats],
     lambda_align: float = 0.1,
+    balance: str = "joint",
 ) -> dict[str, Tensor]:
     """Collaboration-aware auxiliary regularisation of the MoE routers.
 
@@ -109,24 +122,32 @@ def coar_loss(
     chose expert e (``counts / counts.sum()``, no grad) and P^m_e the mean
     router probability of modality m (differentiable):
 
-    - balance = E * sum_e f_e * P_e with f = (f^image + f^text) / 2 and
+    - balance "joint" = E * sum_e f_e * P_e with f = (f^image + f^text) / 2 and
       P = (P^image + P^text) / 2, so each modality counts equally whatever its
       token count. It equals 1 when f and P are uniform (the minimum whenever
       f = P, by Cauchy-Schwarz) and E when every assignment and all the
-      probability mass go to one expert.
+      probability mass go to one expert. Modality-split routing (images on
+      experts {0, 1}, text on {2, 3}) also scores 1: the sum over modalities
+      is balanced.
+    - balance "per_modality" = (E * sum_e f^image_e P^image_e
+      + E * sum_e f^text_e P^text_e) / 2: each modality must use every expert,
+      so the split routing above scores E / 2.
     - align = JS(P^image, P^text), natural log, in [0, ln 2].
 
     Args:
         image_stats: one `RoutingStats` per MoE layer from the image pass.
         text_stats: the same layers from the text pass.
-        lambda_align: weight of the alignment term.
+        lambda_align: weight of the alignment term; at 0 it is not computed.
+        balance: "joint" or "per_modality", see above.
 
     Returns:
         {"total": sum over layers of balance + lambda_align * align (the term
-        to optimise), "balance": summed balance, "align": summed alignment}. The
-        parts are for logging; adding them to the loss again would count them
-        twice.
+        to optimise), "balance": summed balance, "align": summed alignment (a
+        constant 0 when lambda_align is 0)}. The parts are for logging; adding
+        them to the loss again would count them twice.
     """
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"unknown CoAR balance {balance!r}; expected one of {BALANCE_MODES}")
     if len(image_stats) != len(text_stats):
         raise ValueError(
             f"coar_loss needs one RoutingStats per layer for both modalities, got "
@@ -147,11 +168,17 @@ def coar_loss(
     # fixed number of ops whatever the depth.
     img, txt = RoutingStats.stack(image_stats), RoutingStats.stack(text_stats)
     p_img, p_txt = img.mean_probs().float(), txt.mean_probs().float()  # layers, E
-    f = (img.usage().float() + txt.usage().float()).detach() / 2  # layers, E
-    p = (p_img + p_txt) / 2  # layers, E
-    balance = img.num_experts * (f * p).sum()
+    f_img, f_txt = img.usage().float().detach(), txt.usage().float().detach()  # layers, E
+    if balance == "joint":
+        f, p = (f_img + f_txt) / 2, (p_img + p_txt) / 2  # layers, E
+        balance_term = img.num_experts * (f * p).sum()
+    else:
+        balance_term = img.num_experts * ((f_img * p_img).sum() + (f_txt * p_txt).sum()) / 2
+    if lambda_align == 0:
+        align = torch.zeros((), device=balance_term.device)
+        return {"total": balance_term, "balance": balance_term, "align": align}
     align = js_divergence(p_img, p_txt).sum()
-    return {"total": balance + lambda_align * align, "balance": balance, "align": align}
+    return {"total": balance_term + lambda_align * align, "balance": balance_term, "align": align}
 
 
 def id_logits(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ from utils.config import ConfigError, dump_config, save_config, to_plain
 from utils.logger import setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
 
-from .evaluator import evaluate, metrics_table
+from .evaluator import QUICK_AUDIT_SAMPLES, evaluate, metrics_table
 from .trainer import Trainer, log_expert_usage, write_json
 
 logger = logging.getLogger("comoe")
@@ -248,7 +248,9 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
-                      i2t=cfg.eval.i2t, desc="test")
+                      i2t=cfg.eval.i2t, desc="test",
+                      audit_samples=cfg.eval.audit_samples if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
+                      audit_tolerance=cfg.eval.audit_tolerance or None)
     result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
     if comm.is_main_process():
         logger.info("test results of %s:\n%s", checkpoint, metrics_table(result))

@@ -1,11 +1,12 @@
 import glob
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-from utils.config import ConfigError, config_diff, load_config, save_config
+from utils.config import ConfigError, ConfigWarning, config_diff, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,12 +30,12 @@ def test_base_inheritance_and_overrides(tmp_path):
                  % (ROOT / "configs" / "defaults.yaml"))
     child = write(tmp_path / "child.yaml", "_BASE_: base.yaml\nname: child\nsolver:\n"
                   "  batch_size: 8\n")
-    cfg = load_config(child, ["solver.lr=3e-6", "dataset.root_dir=/data", "moe.topk=1"])
+    cfg = load_config(child, ["solver.lr=3e-6", "dataset.root_dir=/data", "moe.topk=3"])
     assert cfg.name == "child"
     assert cfg.solver.batch_size == 8          # from the child
     assert cfg.solver.lr == pytest.approx(3e-6)  # the override wins over the parent
     assert cfg.dataset.root_dir == "/data"
-    assert cfg.moe.topk == 1
+    assert cfg.moe.topk == 3
     assert cfg.solver.num_epoch == 60          # untouched default
 
 
@@ -73,8 +74,8 @@ def test_saved_config_round_trips(tmp_path):
     assert "_BASE_" not in (tmp_path / "configs.yaml").read_text()
     again = load_config(tmp_path / "configs.yaml")
     assert config_diff(cfg, again) == []
-    assert config_diff(cfg, load_config(tmp_path / "configs.yaml", ["moe.topk=1"])) == \
-        ["moe.topk: 2 != 1"]
+    assert config_diff(cfg, load_config(tmp_path / "configs.yaml", ["moe.topk=3"])) == \
+        ["moe.topk: 2 != 3"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "configs" / "**" / "*.yaml"),
@@ -91,7 +92,7 @@ def test_base_list_is_merged_in_order_and_a_shared_base_once(tmp_path):
     write(tmp_path / "common.yaml", "_BASE_: %s\nsolver:\n  batch_size: 8\nmoe:\n  layers: 2\n"
           % (ROOT / "configs" / "defaults.yaml"))
     write(tmp_path / "a.yaml", "_BASE_: common.yaml\nname: a\nsolver:\n  lr: 2.0e-5\n")
-    write(tmp_path / "b.yaml", "_BASE_: common.yaml\nname: b\nmoe:\n  topk: 1\n")
+    write(tmp_path / "b.yaml", "_BASE_: common.yaml\nname: b\nmoe:\n  topk: 1\n  combine: prob\n")
     child = write(tmp_path / "child.yaml", "_BASE_: [a.yaml, b.yaml]\nseed: 5\n")
     cfg = load_config(child)
     assert cfg.name == "b"                       # the later base wins
@@ -208,3 +209,34 @@ def test_demo_runs_go_to_their_own_folder():
     from processor.runner import run_folder
     cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "ablations" / "no_coar.yaml"])
     assert run_folder(cfg) == Path.cwd() / "logs" / "demo" / "CUHK-PEDES" / "abl_no_coar"
+
+
+def test_comoe_settings_that_would_not_train_what_they_name_are_refused():
+    with pytest.raises(ConfigError, match=r"moe\.combine=renorm with moe\.topk=1.*no gradient.*"
+                                          r"moe\.combine=prob"):
+        load_config(None, ["moe.topk=1"])
+    assert load_config(None, ["moe.topk=1", "moe.combine=prob"]).moe.combine == "prob"
+    with pytest.raises(ConfigError, match=r"model\.embed=global with model\.head=comoe"):
+        load_config(None, ["model.embed=global"])
+    # Without a head (or without experts) the MoE settings do not matter.
+    load_config(None, ["model.head=none", "model.embed=global", "moe.topk=1", "loss.names=sdm"])
+    load_config(None, ["moe.num_experts=0", "moe.topk=1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        load_config(None, ["moe.num_experts=8", "moe.topk=2"])
+    with pytest.warns(ConfigWarning, match=r"moe\.topk = moe\.num_experts = 2.*dense"):
+        load_config(None, ["moe.num_experts=2"])
+
+
+def test_ablations_differ_from_the_base_and_route_sparsely():
+    base = load_config(ROOT / "configs" / "CUHK-PEDES" / "comoe.yaml")
+    assert (base.moe.aux_input, base.moe.combine, base.moe.balance) == ("prompt", "renorm", "joint")
+    paths = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            cfg = load_config(path)
+        assert [d for d in config_diff(base, cfg) if not d.startswith("name:")], \
+            f"{path.name} equals the base config"
+        assert cfg.moe.topk < cfg.moe.num_experts, path.name

@@ -152,10 +152,13 @@ def _stays_fp32(model: nn.Module) -> set[str]:
     CLIP's output projections; here the experts (linear layers in the authors' code)
     are cast too."""
     from model.moe import ExpertPool
+    experts = {f"{module_name}.{name}" for module_name, module in model.named_modules()
+               if isinstance(module, ExpertPool) for name, _ in module.named_parameters()}
     names = set()
     for module_name, module in model.named_modules():
         for name, _ in module.named_parameters(recurse=False):
-            cast = isinstance(module, (nn.Linear, nn.Conv2d, ExpertPool)) or name in (
+            full = f"{module_name}.{name}" if module_name else name
+            cast = isinstance(module, (nn.Linear, nn.Conv2d)) or full in experts or name in (
                 "in_proj_weight", "in_proj_bias", "proj", "text_projection")
             if not cast:
                 names.add(f"{module_name}.{name}" if module_name else name)

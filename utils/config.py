@@ -15,6 +15,7 @@ import copy
 import difflib
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,6 +36,10 @@ PATH_KEYS = ("output_dir", "dataset.root_dir", "dataset.cache_dir", "model.cache
 
 class ConfigError(ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
+
+
+class ConfigWarning(UserWarning):
+    """A valid config that probably does not do what was meant."""
 
 
 def _read_yaml(path: Path) -> dict:
@@ -106,7 +111,9 @@ CHOICES = {
     "input.interpolation": ("bicubic", "bilinear"),
     "loss.mlm_fallback": ("random", "first"),
     "moe.gate": ("modality+aux", "modality", "shared"),
-    "moe.aux_input": ("token", "prompt"),
+    "moe.aux_input": ("prompt", "context", "token"),
+    "moe.combine": ("renorm", "prob"),
+    "moe.balance": ("joint", "per_modality"),
     "solver.optimizer": ("adamw", "adam"),
     "solver.optimizer_kernel": ("auto", "fused", "foreach"),
     "solver.compile_mode": ("default", "reduce-overhead", "max-autotune"),
@@ -172,6 +179,8 @@ RANGES = {
     "solver.max_nonfinite_steps": ">= 0",
     "eval.period": ">= 1",
     "eval.batch_size": ">= 1",
+    "eval.audit_samples": ">= 1",
+    "eval.audit_tolerance": ">= 0",
     "checkpoint.every_n_steps": ">= 0",
 }
 
@@ -217,6 +226,31 @@ def _check_cuda_graphs_accumulation(cfg: Mapping) -> str | None:
             f"the memory that holds the gradients between micro-batches. Use "
             f"solver.compile_mode=default, or solver.accumulation_steps=1 with a smaller "
             f"solver.batch_size")
+
+
+def _check_comoe(cfg: Mapping) -> str | None:
+    """Settings of a CoMoE head that train something other than what they name."""
+    model, moe = cfg["model"], cfg["moe"]
+    if model["head"] != "comoe":
+        return None
+    if model["embed"] == "global":
+        return ("model.embed=global with model.head=comoe leaves the head out of the "
+                "embeddings, so the retrieval losses never train it (and DDP stops on its unused "
+                "parameters). Use model.embed=sum or mean, or model.head=none")
+    num_experts, topk = moe["num_experts"], moe["topk"]
+    if num_experts == 0:
+        return None
+    if topk == 1 and moe["combine"] == "renorm":
+        return ("moe.combine=renorm with moe.topk=1 gives every token the combine weight "
+                "softmax(one logit) = 1, so the task losses send no gradient to the router (only "
+                "CoAR, if used, trains it). Use moe.combine=prob (the selected expert's router "
+                "probability)")
+    if topk == num_experts:
+        warnings.warn(ConfigWarning(
+            f"moe.topk = moe.num_experts = {topk}: every token uses every expert (dense "
+            f"routing), and the CoAR balance term is the constant 1. An ablation of the number "
+            f"of experts or of k should keep moe.topk < moe.num_experts"), stacklevel=5)
+    return None
 
 
 def _check_topk(cfg: Mapping) -> str | None:
@@ -285,7 +319,7 @@ def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
 VALUE_RULES: list[Callable[[Mapping], str | None]] = [
     _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_text_length,
     _check_probability_sums, _check_module_lr_factors, _check_fp16_weights,
-    _check_mlm_masks_captions,
+    _check_mlm_masks_captions, _check_comoe,
 ]
 
 
