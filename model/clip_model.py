@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # OpenAI's published ViT-B/16 archive; the URL's path segment is the file's SHA256.
@@ -56,11 +58,11 @@ ARCH_KEYS = frozenset(VIT_B16)
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A state dict does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
-class PretrainedWeightsUnavailable(FileNotFoundError):
+class PretrainedWeightsUnavailable(UserError, FileNotFoundError):
     """Pretrained weights are neither cached nor downloadable."""
 
 

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .config import config_diff
+from .errors import UserError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unsafe, corrupt or made for another config."""
 
 
@@ -63,6 +64,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                               f"{err}") from err
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
+    model = obj["model"]
+    if not isinstance(model, Mapping) or not all(torch.is_tensor(v) for v in model.values()):
+        raise CheckpointError(f"{path} is damaged or not a checkpoint of this project: its "
+                              f"'model' entry is {type(model).__name__} {model!r:.60}, not a "
+                              f"state dict of tensors")
     return obj
 
 

@@ -10,13 +10,15 @@ from typing import Any, Iterable, Mapping
 import yaml
 from easydict import EasyDict
 
+from .errors import UserError
+
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 BASE_KEY = "_BASE_"
 # Keys whose default is a mapping of free-form entries (not validated one by one).
 FREE_FORM_KEYS = {"model.arch"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
 
 
@@ -28,6 +30,9 @@ def _read_yaml(path: Path) -> dict:
             data = yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                          f"offset {err.start}); save it as UTF-8") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
