@@ -32,10 +32,11 @@ from datasets.bases import ImageDataset, ImageTextDataset, TextDataset
 from datasets.cache import AugmentingCollate, BatchAugment, ImageCache, Uint8Normalize
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
-from datasets.pedes import EvalSplit, PedesDataset, TrainItem
+from datasets.pedes import DatasetError, EvalSplit, PedesDataset, TrainItem
 from datasets.rstpreid import RSTPReid
 from datasets.sampler import IdentityBatchSampler, RandomBatchSampler
 from datasets.transforms import ImageAugment, TextAugment, build_eval_transform, build_train_transform
+from utils.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ SAMPLERS = ("random", "identity")
 
 def get_dataset_class(name: str) -> type[PedesDataset]:
     if name not in DATASETS:
-        raise KeyError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
+        raise DatasetError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
     return DATASETS[name]
 
 
@@ -60,6 +61,13 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: seeded (`seed_worker`), and deaf to SIGTERM/SIGINT,
+    which the training process handles for it (see utils.signals)."""
+    ignore_stop_signals()
+    seed_worker(worker_id)
 
 
 class TrainLoader(DataLoader):
@@ -138,7 +146,7 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     return TrainLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                        pin_memory=pin_memory and torch.cuda.is_available(),
                        persistent_workers=persistent_workers and num_workers > 0,
-                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                       worker_init_fn=init_worker, generator=torch.Generator().manual_seed(seed),
                        batch_augment=batch_augment)
 
 
@@ -155,7 +163,8 @@ def build_eval_loaders(split: EvalSplit, *, image_size: tuple[int, int] = (384, 
     """
     common = dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                   pin_memory=pin_memory and torch.cuda.is_available(),
-                  persistent_workers=persistent_workers and num_workers > 0)
+                  persistent_workers=persistent_workers and num_workers > 0,
+                  worker_init_fn=init_worker)
     if cache_dir is None:
         images = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(image_size))
     else:

@@ -82,7 +82,8 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     # A fresh loader per evaluation: persistent workers would outlive it unused.
     return DataLoader(Subset(loader.dataset, range(start, stop)), batch_size=loader.batch_size,
                       shuffle=False, drop_last=False, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn)
 
 
 @torch.no_grad()
