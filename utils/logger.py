@@ -32,3 +32,13 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0, filename: str = "
 
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def log_to_file(level: int, message: str, exc_info=None, name: str = LOGGER_NAME) -> None:
+    """A record for the log files only: for messages the console shows another way
+    (an entry point prints fatal errors to stderr)."""
+    logger = logging.getLogger(name)
+    record = logger.makeRecord(name, level, __file__, 0, message, None, exc_info)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
