@@ -51,10 +51,12 @@ def main(argv=None) -> dict:
     from datasets.transforms import build_eval_transform
     from utils.gallery import gallery_cache_key, index_gallery, search_gallery
     from utils.tokenizer import tokenize
-    from utils.visualization import MAX_FIGURE_COLUMNS, load_run, render_ranking, slugify
+    from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
+                                     render_ranking, slugify)
 
     run = load_run(args.config_file, args.opts, args.checkpoint)
     cfg = run.cfg
+    check_queries(args.query, cfg.dataset.text_length)
     image_size = tuple(cfg.input.size)
     index = index_gallery(
         run.model, args.gallery, build_eval_transform(image_size),
