@@ -5,7 +5,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -176,9 +178,15 @@ class Trainer:
 
     # -- signals ------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        """Only note the signal: it can arrive inside a log call, and logging from here
+        would re-enter it. A direct write to stderr says it was heard; train.log gets
+        the stop when it is carried out."""
         self._stop_signal = signum
-        logger.warning("received %s: finishing the current step, then saving last.pth",
-                       signal.Signals(signum).name)
+        note = f"\nreceived {signal.Signals(signum).name}: finishing the current step, then saving\n"
+        try:
+            os.write(sys.stderr.fileno(), note.encode())
+        except (OSError, ValueError):  # no usable stderr
+            pass
 
     def _install_signal_handlers(self):
         previous = {}
