@@ -142,8 +142,12 @@ class Trainer:
         return path if comm.is_main_process() else None
 
     def _check_finite_weights(self, name: str) -> None:
-        tensors = {k: v for k, v in self.core.state_dict().items() if v.is_floating_point()}
-        finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()])
+        tensors = {k: v for k, v in self.core.state_dict().items()
+                   if v.is_floating_point() and v.numel()}
+        # Each tensor's largest magnitude (one multi-tensor pass): nan or inf exactly when
+        # one of its entries is.
+        peaks = torch._foreach_norm(list(tensors.values()), float("inf"))
+        finite = torch.isfinite(torch.stack([p.float() for p in peaks]))
         if bool(finite.all()):
             return
         bad = [k for k, ok in zip(tensors, finite.tolist()) if not ok]
