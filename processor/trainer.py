@@ -152,10 +152,10 @@ class Trainer:
             return
         bad = [k for k, ok in zip(tensors, finite.tolist()) if not ok]
         kept = (f"{self.run_dir / 'last.pth'} still holds the state of {self._saved_at}"
-                if self._saved_at else "no last.pth was written")
+                if self._saved_at else "the run has no last.pth yet")
         raise NonFiniteWeightsError(
             f"the weights are not finite at {self._position()} ({len(bad)} tensors, e.g. "
-            f"{bad[0]}), so {name} was not written; {kept}. Diverging weights usually mean "
+            f"{bad[0]}), so {name} was not written ({kept}). Diverging weights usually mean "
             f"too large a learning rate (solver.lr={self.cfg.solver.lr}); a resumed run keeps "
             f"its lr, so start a new run (name=...) with a lower solver.lr or with "
             f"solver.grad_clip set.")
