@@ -352,7 +352,7 @@ def test_sigterm_to_the_process_group_with_loader_workers(synth_root, tmp_path, 
     # Mid-epoch (the first checkpoint is at step 2), with both workers running.
     while proc.poll() is None and time.time() < deadline and not (
             (run / "last.pth").exists() and len(_group_members(proc.pid)) >= 3):
-        time.sleep(0.005)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the workers could be signalled"
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=240)
