@@ -36,9 +36,13 @@ def get_logger() -> logging.Logger:
 
 def log_to_file(level: int, message: str, exc_info=None, name: str = LOGGER_NAME) -> None:
     """A record for the log files only: for messages the console shows another way
-    (an entry point prints fatal errors to stderr)."""
+    (an entry point prints fatal errors to stderr). It takes the path a record of
+    logger `name` takes (its handlers, then its ancestors' while it propagates)."""
     logger = logging.getLogger(name)
     record = logger.makeRecord(name, level, __file__, 0, message, None, exc_info)
-    for handler in logger.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
+    node = logger
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        node = node.parent if node.propagate else None
