@@ -55,10 +55,12 @@ def main(argv=None) -> dict:
     from datasets.transforms import build_eval_transform
     from utils.gallery import encode_queries, index_gallery, search_gallery
     from utils.tokenizer import tokenize
-    from utils.visualization import MAX_FIGURE_COLUMNS, load_run, render_ranking, slugify
+    from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
+                                     render_ranking, slugify)
 
     run = load_run(args.config_file, args.opts, args.checkpoint)
     cfg = run.cfg
+    check_queries(args.query, cfg.dataset.text_length)
     image_size = tuple(cfg.input.size)
     embeddings = encode_queries(run.model, args.query,
                                 partial(tokenize, context_length=cfg.dataset.text_length),

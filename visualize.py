@@ -113,10 +113,11 @@ def main(argv=None) -> dict:
 def _rank_queries(args, out_dir: Path, figures: list) -> list:
     from processor.runner import load_dataset
     from utils.config import ConfigError
-    from utils.visualization import (MAX_FIGURE_COLUMNS, load_run, rank_split_queries,
-                                     render_query, slugify)
+    from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
+                                     rank_split_queries, render_query, slugify)
 
     run = load_run(args.config_file, args.opts, args.checkpoint)
+    check_queries(args.query, run.cfg.dataset.text_length)
     split = load_dataset(run.cfg).test
     num_captions = len(split.captions)
     bad = [i for i in args.indices if not 0 <= i < num_captions]

@@ -35,6 +35,7 @@ from datasets.pedes import EvalSplit, PedesDataset, TrainItem
 from datasets.registry import get_dataset_class
 from datasets.sampler import IdentityBatchSampler, RandomBatchSampler
 from datasets.transforms import ImageAugment, TextAugment, build_eval_transform, build_train_transform
+from utils.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: seeded (`seed_worker`), and deaf to SIGTERM/SIGINT,
+    which the training process handles for it (see utils.signals)."""
+    ignore_stop_signals()
+    seed_worker(worker_id)
 
 
 class TrainLoader(DataLoader):
@@ -150,7 +158,7 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     return TrainLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                        pin_memory=pin_memory and torch.cuda.is_available(),
                        persistent_workers=persistent_workers and num_workers > 0,
-                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                       worker_init_fn=init_worker, generator=torch.Generator().manual_seed(seed),
                        batch_augment=batch_augment)
 
 
@@ -169,7 +177,8 @@ def build_eval_loaders(split: EvalSplit, *, image_size: tuple[int, int] = (384, 
     """
     common = dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                   pin_memory=pin_memory and torch.cuda.is_available(),
-                  persistent_workers=persistent_workers and num_workers > 0)
+                  persistent_workers=persistent_workers and num_workers > 0,
+                  worker_init_fn=init_worker)
     if cache_dir is None:
         images = ImageDataset(split.image_paths, split.image_pids,
                               build_eval_transform(image_size, interpolation=interpolation),

@@ -24,13 +24,15 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MAX_LISTED = 5          # examples shown for one kind of problem
 MAX_PROBLEMS_IN_ERROR = 20
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset cannot be loaded as it is on disk. The message says where and why."""
 
 
@@ -266,6 +268,8 @@ class PedesDataset:
             problems.append(f"{where}: field 'split' is {split!r}; {cls.name} splits are {', '.join(cls.splits)}")
         if not isinstance(pid, int) or isinstance(pid, bool):
             problems.append(f"{where}: field 'id' must be an integer, got {pid!r}")
+        elif not -2**63 <= pid < 2**63:  # identities become int64 tensors
+            problems.append(f"{where}: field 'id' is {pid}, outside the 64-bit integer range")
         if not isinstance(image, str) or not image:
             problems.append(f"{where}: field {cls.path_field!r} must be a non-empty path, got {image!r}")
         elif not _stays_inside(image):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datasets.cuhkpedes import CUHKPEDES
 from datasets.icfgpedes import ICFGPEDES
-from datasets.pedes import PedesDataset
+from datasets.pedes import DatasetError, PedesDataset
 from datasets.rstpreid import RSTPReid
 
 DATASETS = {"CUHK-PEDES": CUHKPEDES, "ICFG-PEDES": ICFGPEDES, "RSTPReid": RSTPReid}
@@ -12,5 +12,5 @@ DATASETS = {"CUHK-PEDES": CUHKPEDES, "ICFG-PEDES": ICFGPEDES, "RSTPReid": RSTPRe
 
 def get_dataset_class(name: str) -> type[PedesDataset]:
     if name not in DATASETS:
-        raise KeyError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
+        raise DatasetError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
     return DATASETS[name]

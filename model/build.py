@@ -7,15 +7,19 @@ the retrieval embeddings, each sample computed on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from utils import comm
+from utils.checkpoint import strip_module_prefix
+from utils.config import ConfigError
+from utils.errors import UserError
 
 from . import objectives
-from .clip_model import CLIP, build_clip
+from .clip_model import CLIP, build_clip, infer_arch
 from .comoe import CoMoEHead, fuse_embedding
 from .irra import convert_weights_to_fp16
 from .mlm import MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
@@ -264,11 +268,46 @@ class RetrievalModel(nn.Module):
         return logits, labels.flatten()[positions]
 
 
-def build_model(cfg, num_classes: int | None = None) -> RetrievalModel:
-    """Translate a resolved config into a RetrievalModel."""
-    backbone = build_clip(cfg.model.pretrain, image_size=tuple(cfg.input.size),
-                          stride=cfg.model.stride, cache_dir=cfg.model.cache_dir or None,
-                          interpolation=cfg.input.interpolation, **dict(cfg.model.arch))
+def build_model(cfg, num_classes: int | None = None,
+                checkpoint_state: Mapping[str, torch.Tensor] | None = None) -> RetrievalModel:
+    """Translate a resolved config into a RetrievalModel.
+
+    `checkpoint_state`: the state dict that will be loaded into the model next (a
+    run's checkpoint holds every weight). The backbone is then built from its shapes
+    (and `model.arch`) without reading `model.pretrain`, so a run can be evaluated
+    or resumed after the CLIP file is gone.
+
+    Raises ConfigError when the config's values do not make a model (e.g. moe.topk
+    above moe.num_experts).
+    """
+    try:
+        return _build_model(cfg, num_classes, checkpoint_state)
+    except ValueError as err:  # every module argument comes from the config
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(f"the model cannot be built from this config: {err}") from err
+
+
+def _backbone_arch(checkpoint_state: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
+    """CLIP architecture of a RetrievalModel state dict, as `build_clip` infers it from
+    a weights file; `model.arch` overrides it there and here."""
+    prefix = "backbone."
+    backbone = {k[len(prefix):]: v for k, v in strip_module_prefix(checkpoint_state).items()
+                if k.startswith(prefix)}
+    return {**infer_arch(backbone), **overrides}
+
+
+def _build_model(cfg, num_classes: int | None,
+                 checkpoint_state: Mapping[str, torch.Tensor] | None) -> RetrievalModel:
+    common = dict(image_size=tuple(cfg.input.size), stride=cfg.model.stride)
+    random_init = str(cfg.model.pretrain).lower() == "none"
+    if checkpoint_state is None or random_init:
+        backbone = build_clip(cfg.model.pretrain, cache_dir=cfg.model.cache_dir or None,
+                              interpolation=cfg.input.interpolation, **common,
+                              **dict(cfg.model.arch))
+    else:  # the architecture build_clip reads from the weights file, from the checkpoint
+        backbone = build_clip("none", **common,
+                              **_backbone_arch(checkpoint_state, dict(cfg.model.arch)))
     if cfg.model.grad_checkpointing:
         for transformer in (backbone.visual.transformer, backbone.transformer):
             transformer.grad_checkpointing = True

@@ -35,6 +35,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .script_archive import read_script_state_dict
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ ARCH_KEYS = frozenset(VIT_B16)
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A state dict does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
-class PretrainedWeightsUnavailable(FileNotFoundError):
+class PretrainedWeightsUnavailable(UserError, FileNotFoundError):
     """Pretrained weights are neither cached nor downloadable."""
 
 

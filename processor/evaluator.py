@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 from utils import comm
 from utils.logger import Progress
 from utils.metrics import retrieval_metrics
+from utils.errors import UserError
 from utils.misc import autocast
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ QUICK_AUDIT_SAMPLES = 16
 AUDIT_TOLERANCES = {"fp32": 1e-4, "tf32": 2e-3, "fp16": 2e-3, "bf16": 1e-2}
 
 
-class LeakAuditError(RuntimeError):
+class LeakAuditError(UserError, RuntimeError):
     """Embeddings that change with the other samples of their batch."""
 
 
@@ -110,7 +111,8 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     # A fresh loader per evaluation: persistent workers would outlive it unused.
     return DataLoader(Subset(loader.dataset, range(start, stop)), batch_size=loader.batch_size,
                       shuffle=False, drop_last=False, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn)
 
 
 @torch.no_grad()

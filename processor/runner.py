@@ -4,31 +4,35 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
 from datasets import (DatasetError, ImageAugment, TextAugment, build_dataset, build_eval_loaders,
-                      build_train_loader, statistics_table)
+                      build_train_loader, get_dataset_class, statistics_table)
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
 from model.irra import from_irra_checkpoint, is_irra_state_dict
 from solver import build_scheduler, optimizer_from_config
+from solver.lr_scheduler import lr_multiplier
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import ConfigError, dump_config, save_config, to_plain
-from utils.logger import setup_logger
+from utils.errors import StopRequested, UserError
+from utils.logger import log_to_file, setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
 
 from .evaluator import QUICK_AUDIT_SAMPLES, evaluate, metrics_table
-from .trainer import Trainer, log_expert_usage, write_json
+from .resume import Difference, compare_for_resume, record_resume
+from .trainer import Trainer, check_resumable, log_expert_usage, write_json
 
 logger = logging.getLogger("comoe")
 CONFIG_NAME = "configs.yaml"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     pass
 
 
@@ -40,6 +44,7 @@ def load_dataset(cfg, generate: bool = False):
     """The config's dataset. With `generate` (training only) and dataset.generate, a
     missing dataset is first generated; evaluation never generates data, so that it
     cannot score a run on data other than its own."""
+    get_dataset_class(cfg.dataset.name)  # an unknown name fails before anything is generated
     root = Path(cfg.dataset.root_dir)
     if generate and cfg.dataset.generate:
         from datasets.synth import ensure_synthetic
@@ -109,33 +114,66 @@ def train_loader(cfg, dataset, device: torch.device):
         raise ConfigError(f"dataset.drop_last=false trains on the last incomplete batch as one "
                           f"process does (IRRA); {comm.get_world_size()} processes cannot split "
                           f"it evenly. Use dataset.drop_last=true under torchrun")
-    return build_train_loader(
-        dataset, batch_size=cfg.solver.batch_size, sampler=d.sampler,
-        num_instances=d.num_instance, image_size=tuple(cfg.input.size),
-        augment=image_augment(cfg), text_length=d.text_length, text_aug=text_augment(cfg),
-        num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
-        persistent_workers=d.persistent_workers, seed=cfg.seed, rank=comm.get_rank(),
-        world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images,
-        cache_dir=prepare_image_cache(cfg, [item.path for item in dataset.train],
-                                      d.skip_bad_images),
-        augment_in_workers=device.type == "cpu", drop_last=d.drop_last,
-        interpolation=cfg.input.interpolation, load_truncated=d.load_truncated_images)
+    cache_dir = prepare_image_cache(cfg, [item.path for item in dataset.train], d.skip_bad_images)
+    try:
+        return build_train_loader(
+            dataset, batch_size=cfg.solver.batch_size, sampler=d.sampler,
+            num_instances=d.num_instance, image_size=tuple(cfg.input.size),
+            augment=image_augment(cfg), text_length=d.text_length, text_aug=text_augment(cfg),
+            num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
+            persistent_workers=d.persistent_workers, seed=cfg.seed, rank=comm.get_rank(),
+            world_size=comm.get_world_size(), skip_bad_images=d.skip_bad_images,
+            cache_dir=cache_dir, augment_in_workers=device.type == "cpu", drop_last=d.drop_last,
+            interpolation=cfg.input.interpolation, load_truncated=d.load_truncated_images)
+    except ValueError as err:  # its arguments come from the config
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(f"dataset.sampler={d.sampler}, dataset.num_instance="
+                          f"{d.num_instance}, solver.batch_size={cfg.solver.batch_size}: "
+                          f"{err}") from err
 
 
-def _prepare_run_folder(cfg) -> Path:
-    run_dir = run_folder(cfg)
+def _check_run_folder(cfg, run_dir: Path) -> dict | None:
+    """Refuse a start that would mix two runs in one folder; for resume=true, the
+    checkpoint to continue from (checked), or None when the folder holds a start
+    that never saved one (the run then starts from the beginning in it)."""
+    last = run_dir / "last.pth"
     if cfg.resume:
-        if not (run_dir / "last.pth").is_file():
+        if last.is_file():
+            ckpt = load_checkpoint(last)
+            check_resumable(ckpt, str(last))
+            return ckpt
+        if not (run_dir / CONFIG_NAME).is_file():
             raise RunFolderError(
-                f"resume=true but {run_dir / 'last.pth'} does not exist; nothing to resume. "
+                f"resume=true but {last} does not exist; nothing to resume. "
                 f"Start a new run without resume=true.")
-        return run_dir
+        return None
     if run_dir.exists() and any(run_dir.iterdir()):
+        hint = ("To continue it" if last.is_file() else
+                "It holds no checkpoint (a start that never saved one; its train.log says "
+                "why). To start it again in this folder")
         raise RunFolderError(
-            f"run folder {run_dir} already exists. To continue it: python train.py "
+            f"run folder {run_dir} already exists. {hint}: python train.py "
             f"--config_file {run_dir / CONFIG_NAME} resume=true ; to start another run, "
             f"choose a new name (name=...) or remove the folder.")
-    return run_dir
+    return None
+
+
+def _open_run_folder(cfg, run_dir: Path, ckpt: dict | None,
+                     differences: list[Difference]) -> None:
+    """Create (or, on resume, update) the run folder; rank 0 writes, the others wait.
+
+    configs.yaml always describes the run as it continues: written at every start and
+    resume (a resume's changes are also listed in resumes.yaml)."""
+    comm.barrier()  # every rank has checked everything before the folder changes
+    if comm.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config({**to_plain(cfg), "resume": False}, run_dir / CONFIG_NAME)
+        if ckpt is not None:
+            record_resume(run_dir, {k: ckpt[k] for k in ("epoch", "batch_in_epoch",
+                                                         "global_step")}, differences)
+    comm.barrier()
+    setup_logger(run_dir, rank=comm.get_rank())
 
 
 def _tensorboard(run_dir: Path):
@@ -167,27 +205,55 @@ def compile_training_model(model: torch.nn.Module, cfg) -> None:
 
 
 def run_training(cfg) -> dict:
-    """Train, keep best.pth (val R1) and last.pth, then test best.pth."""
+    """Train, keep best.pth (val R1) and last.pth, then test best.pth.
+
+    Everything that can be checked is checked before the run folder is created or
+    changed (config values, dataset, model, and on resume the checkpoint and the
+    config changes), so a failed start leaves nothing behind. From then on, a fatal
+    error also goes to train.log, with the command that resumes the run.
+    """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)
-    run_dir = _prepare_run_folder(cfg)
-    comm.barrier()  # every rank checks the folder before rank 0 writes into it
-    if comm.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            save_config(cfg, run_dir / CONFIG_NAME)
-    comm.barrier()
-    setup_logger(run_dir, rank=comm.get_rank())
-    logger.info("run folder: %s", run_dir)
-    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
-    logger.info("device: %s, processes: %d", device, comm.get_world_size())
+    setup_logger(None, rank=comm.get_rank())  # the console only, until the run folder exists
+    run_dir = run_folder(cfg)
+    ckpt = _check_run_folder(cfg, run_dir)
+    differences = []
+    if ckpt is not None:
+        differences = compare_for_resume(ckpt["config"], to_plain(cfg), ckpt["epoch"],
+                                         str(run_dir / "last.pth"))
     set_seed(cfg.seed, cfg.deterministic)
     configure_backends(cfg)
 
     dataset = load_dataset(cfg, generate=True)
-    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
+    if ckpt is not None and ckpt.get("num_classes") not in (None, dataset.num_train_pids):
+        raise DatasetError(
+            f"{cfg.dataset.name} under {cfg.dataset.root_dir} has {dataset.num_train_pids} "
+            f"training identities, but the run in {run_dir} was trained on "
+            f"{ckpt['num_classes']}: not the same training set, so it cannot be resumed")
     loader = train_loader(cfg, dataset, device)
     val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
+    model = build_model(cfg, num_classes=dataset.num_train_pids,
+                        checkpoint_state=None if ckpt is None else ckpt["model"]).to(device)
+    _open_run_folder(cfg, run_dir, ckpt, differences)
+    try:
+        return _train_in_folder(cfg, run_dir, device, dataset, loader, val, model, ckpt,
+                                differences)
+    except BaseException as err:
+        _log_failure(err, run_dir)
+        raise
+
+
+def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, val, model,
+                     ckpt: dict | None, differences: list[Difference]) -> dict:
+    logger.info("run folder: %s", run_dir)
+    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
+    logger.info("device: %s, processes: %d", device, comm.get_world_size())
+    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
+    if cfg.resume and ckpt is None:
+        logger.warning("resume=true: %s holds no last.pth (the run stopped before its first "
+                       "save); training starts from the beginning", run_dir)
+    for difference in differences:
+        logger.warning("resume: %s", difference)
     if cfg.solver.accumulation_steps > 1:
         logger.warning("solver.accumulation_steps=%d: SDM, ITC, CMPM and CoAR are computed within "
                        "each micro-batch of %d, not over the whole batch of %d",
@@ -197,7 +263,6 @@ def run_training(cfg) -> dict:
     if val is None:
         logger.warning("no validation split: best.pth follows the last epoch; set "
                        "dataset.val_ids=N to hold out N training identities")
-    model = build_model(cfg, num_classes=dataset.num_train_pids).to(device)
     logger.info("parameters: %.2fM total, %.2fM trainable", count_parameters(model) / 1e6,
                 count_parameters(model, trainable_only=True) / 1e6)
     ddp_model = model
@@ -220,8 +285,11 @@ def run_training(cfg) -> dict:
     tb = _tensorboard(run_dir)
     trainer = Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
                       num_classes=dataset.num_train_pids, tb_writer=tb)
-    if cfg.resume:
-        trainer.resume(run_dir / "last.pth")
+    if ckpt is not None:
+        trainer.resume(ckpt, str(run_dir / "last.pth"))
+        _log_schedule_change(ckpt["config"]["solver"], cfg.solver, trainer.global_step,
+                             len(loader), optimizer)
+        ckpt.clear()  # frees the checkpoint's tensors (several times the model's size)
     trainer.train()
     if val is None:
         trainer.save("best.pth", trainer.model_state())
@@ -236,15 +304,60 @@ def run_training(cfg) -> dict:
     return result
 
 
+def _log_schedule_change(saved, solver, step: int, steps_per_epoch: int, optimizer) -> None:
+    """After a resume that changed solver.num_epoch: the lr before and after."""
+    if saved["num_epoch"] == solver.num_epoch:
+        return
+    group = optimizer.param_groups[0]
+    old = group["base_lr"] * lr_multiplier(step, saved["num_epoch"] * steps_per_epoch,
+                                           solver.warmup_epochs * steps_per_epoch,
+                                           solver.warmup_factor, solver.min_lr_factor)
+    logger.warning("solver.num_epoch %d -> %d: the warm-up + cosine schedule now ends at step "
+                   "%d; at step %d the lr (first parameter group) is %.3g, %.3g on the old "
+                   "schedule", saved["num_epoch"], solver.num_epoch,
+                   solver.num_epoch * steps_per_epoch, step, group["lr"], old)
+
+
+def _log_failure(err: BaseException, run_dir: Path) -> None:
+    """A fatal error in train.log (the console has it already), and how to resume."""
+    if isinstance(err, StopRequested):
+        log_to_file(logging.WARNING, str(err))
+    elif isinstance(err, UserError):
+        log_to_file(logging.ERROR, f"{type(err).__name__}: {err}")
+    else:
+        log_to_file(logging.ERROR, f"training failed: {type(err).__name__}: {err}",
+                    exc_info=(type(err), err, err.__traceback__))
+    if "last.pth" not in str(err) and (run_dir / "last.pth").is_file():  # not said yet
+        logger.error("the last saved state is in %s; after fixing the cause, resume with: "
+                     "python train.py --config_file %s resume=true", run_dir / "last.pth",
+                     run_dir / CONFIG_NAME)
+
+
+def metrics_file(run_dir: Path, checkpoint: Path) -> Path:
+    """Where the test metrics of `checkpoint` go: test_metrics.json for the run's best.pth
+    (what visualize.py reads), test_metrics_<name>.json for another checkpoint of the
+    run folder, and test_metrics_<name>_<hash of its path>.json for one from elsewhere."""
+    run_dir, checkpoint = Path(run_dir).resolve(), Path(checkpoint).resolve()
+    if checkpoint == run_dir / "best.pth":
+        return run_dir / "test_metrics.json"
+    if checkpoint.is_relative_to(run_dir):
+        name = checkpoint.relative_to(run_dir).with_suffix("").as_posix().replace("/", "_")
+    else:
+        digest = hashlib.sha1(str(checkpoint).encode("utf-8")).hexdigest()[:8]
+        name = f"{checkpoint.stem}_{digest}"
+    return run_dir / f"test_metrics_{name}.json"
+
+
 def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, out_dir: Path,
                         model=None, tb_writer=None) -> dict:
     """Evaluate `checkpoint` (this codebase's, or a best.pth of IRRA's code) on the test
-    split; print a table, write test_metrics.json."""
+    split; print a table and write the metrics to `metrics_file(out_dir, checkpoint)`."""
     ckpt = load_checkpoint(checkpoint)
     if is_irra_state_dict(ckpt["model"]):
         ckpt = from_irra_checkpoint(ckpt, str(checkpoint))
     if model is None:
-        model = build_model(cfg, num_classes=ckpt.get("num_classes")).to(device)
+        model = build_model(cfg, num_classes=ckpt.get("num_classes"),
+                            checkpoint_state=ckpt["model"]).to(device)
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
@@ -253,8 +366,9 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
                       audit_tolerance=cfg.eval.audit_tolerance or None)
     result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
     if comm.is_main_process():
-        logger.info("test results of %s:\n%s", checkpoint, metrics_table(result))
-        write_json(Path(out_dir) / "test_metrics.json", result)
+        path = metrics_file(out_dir, checkpoint)
+        logger.info("test results of %s (in %s):\n%s", checkpoint, path, metrics_table(result))
+        write_json(path, result)
         epoch = int(ckpt.get("epoch") or 0)  # the checkpoint's point on the val/ curves
         if tb_writer is not None:
             for task, prefix in (("t2i", "test/"), ("i2t", "test/i2t_")):

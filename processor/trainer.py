@@ -6,7 +6,9 @@ import datetime
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,12 +17,14 @@ from torch import nn
 
 from datasets import BadImageError
 from utils import comm
-from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
+from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state,
                               load_model_state, restore_rng_state, sweep_temporaries)
 from utils.config import to_plain
+from utils.errors import StopRequested, UserError
 from utils.logger import Progress
 from utils.meter import MeterDict
 from utils.misc import autocast
+from utils.signals import stop_signals_blocked
 
 from .evaluator import evaluate, metrics_table
 
@@ -31,12 +35,33 @@ logger = logging.getLogger("comoe")
 MODEL_INPUTS = ("images", "caption_ids", "pids", "image_ids")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived; the trainer saved a checkpoint and stops."""
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """The weights themselves are nan/inf: they are never saved as a resumable state."""
+
+
+# What a checkpoint needs to continue a run (best.pth-style weights are not enough).
+RESUME_KEYS = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int,
+               "batch_in_epoch": int, "global_step": int, "best_metric": float,
+               "best_epoch": int, "rng": dict, "config": dict}
+
+
+def check_resumable(ckpt: dict, source: str) -> None:
+    """Raise CheckpointError unless `ckpt` holds everything `Trainer.resume` reads."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{source} cannot continue a run: it has no {', '.join(missing)} (it holds "
+            f"{', '.join(sorted(map(str, ckpt)))}). resume=true needs a last.pth written by "
+            f"train.py, which carries the optimizer, schedule, counters and RNG states.")
+    wrong = [f"{k} is {type(ckpt[k]).__name__}" for k, kind in RESUME_KEYS.items()
+             if not isinstance(ckpt[k], (int, float) if kind is float else kind)
+             or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise CheckpointError(f"{source} is damaged or not from train.py: {', '.join(wrong)}")
 
 
 class Trainer:
@@ -44,6 +69,9 @@ class Trainer:
 
     Counters: `epoch` (0-based, the epoch in progress), `batch_in_epoch` (batches
     of that epoch already trained) and `global_step` (optimizer steps so far).
+    `validation_pending`: the epoch before `epoch` is trained and saved but not yet
+    validated (last.pth is written before validation, so a crash in it loses no
+    training, and a run resumed from there validates that epoch first).
     """
 
     def __init__(self, cfg, model: nn.Module, train_loader, val_loaders, optimizer, scheduler,
@@ -66,9 +94,11 @@ class Trainer:
         self.global_step = 0
         self.best_metric = -math.inf
         self.best_epoch = -1
+        self.validation_pending = False
         self.nonfinite_steps = 0
         self.accumulation_steps = cfg.solver.accumulation_steps
         self._stop_signal: int | None = None
+        self._saved_at: str | None = None  # where last.pth stands, for error messages
         # Fused optimizers can skip a step on the device; see `_step`.
         self.skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self._bad_count: torch.Tensor | None = None  # device counters of skipped steps
@@ -90,6 +120,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "validation_pending": self.validation_pending,
             "nonfinite_steps": self.nonfinite_steps + self._unreported_nonfinite(),
             "num_classes": self.num_classes,
             "rng": capture_rng_state(),
@@ -110,20 +141,46 @@ class Trainer:
     def _unreported_nonfinite(self) -> int:
         return 0 if self._bad_count is None else int(self._bad_count) - self._bad_reported
 
-    def save(self, name: str, state: dict | None = None) -> Path | None:
-        """Write `state` (default: the full training state) to run_dir/name atomically, on
-        rank 0 only, then remove temporary files that interrupted writes left there."""
-        if not comm.is_main_process():
-            return None
-        path = self.run_dir / name
-        atomic_save(self.state() if state is None else state, path)
-        sweep_temporaries(self.run_dir)
-        logger.info("saved %s at step %d", path, self.global_step)
-        return path
+    def _position(self) -> str:
+        return f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}"
 
-    def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        load_model_state(self.core, ckpt, to_plain(self.cfg), source=str(path))
+    def save(self, name: str, state: dict | None = None) -> Path | None:
+        """Write `state` (default: the full training state) to run_dir/name atomically on
+        rank 0, then remove temporary files that interrupted writes left there.
+        Non-finite weights are refused on every rank (DDP keeps them equal), so all ranks
+        stop together and last.pth keeps the last finite state."""
+        self._check_finite_weights(name)
+        path = self.run_dir / name
+        if comm.is_main_process():
+            atomic_save(self.state() if state is None else state, path)
+            sweep_temporaries(self.run_dir)
+            logger.info("saved %s at step %d", path, self.global_step)
+        if name == "last.pth":
+            self._saved_at = self._position()
+        return path if comm.is_main_process() else None
+
+    def _check_finite_weights(self, name: str) -> None:
+        tensors = {k: v for k, v in self.core.state_dict().items()
+                   if v.is_floating_point() and v.numel()}
+        # Each tensor's largest magnitude (one multi-tensor pass): nan or inf exactly when
+        # one of its entries is.
+        peaks = torch._foreach_norm(list(tensors.values()), float("inf"))
+        finite = torch.isfinite(torch.stack([p.float() for p in peaks]))
+        if bool(finite.all()):
+            return
+        bad = [k for k, ok in zip(tensors, finite.tolist()) if not ok]
+        kept = (f"{self.run_dir / 'last.pth'} still holds the state of {self._saved_at}"
+                if self._saved_at else "the run has no last.pth yet")
+        raise NonFiniteWeightsError(
+            f"the weights are not finite at {self._position()} ({len(bad)} tensors, e.g. "
+            f"{bad[0]}), so {name} was not written ({kept}). Diverging weights usually mean "
+            f"too large a learning rate (solver.lr={self.cfg.solver.lr}); a resumed run keeps "
+            f"its lr, so start a new run (name=...) with a lower solver.lr or with "
+            f"solver.grad_clip set.")
+
+    def resume(self, ckpt: dict, source: str) -> None:
+        """Continue from a checkpoint that passed `check_resumable`."""
+        load_model_state(self.core, ckpt, to_plain(self.cfg), source=source)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -133,17 +190,25 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         self.best_metric = ckpt["best_metric"]
         self.best_epoch = ckpt["best_epoch"]
+        self.validation_pending = bool(ckpt.get("validation_pending", False))
         self.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
         restore_rng_state(ckpt["rng"])
-        logger.info("resumed from %s: epoch %d, batch %d, step %d, best val R1 %.2f",
-                    path, self.epoch + 1, self.batch_in_epoch, self.global_step,
-                    self.best_metric)
+        self._saved_at = self._position()
+        logger.info("resumed from %s: %s, best val R1 %.2f%s", source, self._position(),
+                    self.best_metric,
+                    f"; validating epoch {self.epoch} first" if self.validation_pending else "")
 
     # -- signals ------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        """Only note the signal: it can arrive inside a log call, and logging from here
+        would re-enter it. A direct write to stderr says it was heard; train.log gets
+        the stop when it is carried out."""
         self._stop_signal = signum
-        logger.warning("received %s: finishing the current step, then saving last.pth",
-                       signal.Signals(signum).name)
+        note = f"\nreceived {signal.Signals(signum).name}: finishing the current step, then saving\n"
+        try:
+            os.write(sys.stderr.fileno(), note.encode())
+        except (OSError, ValueError):  # no usable stderr
+            pass
 
     def _install_signal_handlers(self):
         previous = {}
@@ -300,31 +365,45 @@ class Trainer:
         more = f" ({new} non-finite steps from there to step {self.global_step - 1})" if new > 1 else ""
         raise NonFiniteLossError(
             f"non-finite loss or gradient at epoch {self.epoch + 1}, step {step}: {terms}{more}. "
-            f"The last good state is in {path} (such steps make no update). "
-            f"Lower solver.lr, use solver.precision=fp32 or bf16, set solver.grad_clip, or "
-            f"allow skips with solver.max_nonfinite_steps=N.")
+            f"The last good state is in {path} (such steps make no update). Resume it "
+            f"(resume=true) with solver.precision=fp32 or bf16, solver.grad_clip set, or skips "
+            f"allowed by solver.max_nonfinite_steps=N; or start a new run with a lower "
+            f"solver.lr (a resumed run keeps its lr).")
 
     # -- loop ---------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.cfg
-        num_epoch = cfg.solver.num_epoch
+        """Train the remaining epochs. Each epoch ends by saving last.pth, then (when
+        due) validating and saving again; a stop signal takes effect at the next step
+        or right after one of these saves."""
+        num_epoch = self.cfg.solver.num_epoch
         sampler = self.train_loader.batch_sampler
         if comm.is_main_process():
             sweep_temporaries(self.run_dir)
         previous_handlers = self._install_signal_handlers()
         self._run_start = (time.perf_counter(), self.global_step)
         try:
-            while self.epoch < num_epoch:
-                self._train_epoch(sampler)
-                self.batch_in_epoch = 0
-                self.epoch += 1
-                if self.val_loaders is not None and (self.epoch % cfg.eval.period == 0
-                                                     or self.epoch == num_epoch):
-                    self._validate()
-                self.save("last.pth")
+            while self.epoch < num_epoch or self.validation_pending:
+                if not self.validation_pending:
+                    self._train_epoch(sampler)
+                    self.batch_in_epoch = 0
+                    self.epoch += 1
+                    self.validation_pending = self._validation_due()
+                    self.save("last.pth")
+                    self._leave_if_stop_requested()
+                if self.validation_pending:
+                    # Workers start with the stop signals blocked (see utils.signals).
+                    with stop_signals_blocked():
+                        self._validate()
+                    self.save("last.pth")
+                    self._leave_if_stop_requested()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+
+    def _validation_due(self) -> bool:
+        every, num_epoch = self.cfg.eval.period, self.cfg.solver.num_epoch
+        return self.val_loaders is not None and (self.epoch % every == 0
+                                                 or self.epoch == num_epoch)
 
     def _train_epoch(self, sampler) -> None:
         cfg = self.cfg
@@ -339,7 +418,8 @@ class Trainer:
         epoch_samples = interval_samples = 0  # this rank's; every rank has as many
         data_wait = 0.0  # seconds this rank waited for the loader since the last log line
         progress = self._progress(steps)
-        batches = iter(self.train_loader)
+        with stop_signals_blocked():  # workers start here (see utils.signals)
+            batches = iter(self.train_loader)
         while True:
             bad_image = None
             wait_start = time.perf_counter()
@@ -405,14 +485,25 @@ class Trainer:
 
     def _stop(self, progress) -> None:
         """A stop signal reached some rank: save and leave, all ranks together."""
-        path = self.run_dir / "last.pth"
         self.save("last.pth")
-        progress.close()
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        if progress is not None:
+            progress.close()
+        self._leave()
+
+    def _leave_if_stop_requested(self) -> None:
+        """At an epoch end, right after last.pth was saved."""
+        if comm.any_rank(self._stop_signal is not None)[0]:
+            self._leave()
+
+    def _leave(self) -> None:
+        # Another rank may have been signalled instead: report SIGTERM then.
+        signum = self._stop_signal or signal.SIGTERM
+        pending = (f" (the validation of epoch {self.epoch} runs first when resumed)"
+                   if self.validation_pending else "")
         raise StopRequested(
-            f"stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}; state "
-            f"saved to {path}. Resume with: python train.py --config_file "
-            f"{self.run_dir / 'configs.yaml'} resume=true")
+            f"stopped by {signal.Signals(signum).name} at {self._position()}; state saved to "
+            f"{self.run_dir / 'last.pth'}{pending}. Resume with: python train.py "
+            f"--config_file {self.run_dir / 'configs.yaml'} resume=true", signum)
 
     def _progress(self, steps: int) -> Progress:
         return Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}",
@@ -457,6 +548,7 @@ class Trainer:
         image_loader, text_loader = self.val_loaders
         result = evaluate(self.model, image_loader, text_loader, self.device,
                           self.cfg.solver.precision, desc=f"epoch {self.epoch} validation")
+        self.validation_pending = False
         if not comm.is_main_process():
             return
         r1 = result["t2i"]["R1"]

@@ -92,7 +92,7 @@ def test_icfg_accepts_dashed_annotation_name(data_root, tmp_path):
 
 
 def test_unknown_dataset_name_lists_known_names(data_root):
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(DatasetError) as err:
         build_dataset("Market-1501", data_root)
     assert all(name in str(err.value) for name in DATASETS)
 

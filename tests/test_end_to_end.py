@@ -127,6 +127,95 @@ def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
     assert (run / "train.log").read_text() == "an earlier run\n"
 
 
+@pytest.mark.parametrize("bad", [
+    ["dataset.root_dir=MISSING", "dataset.generate=false"], ["moe.topk=8"], ["loss.names=sdm+foo"],
+    ["dataset.sampler=identity", "solver.batch_size=30"], ["dataset.name=FOO"],
+    ["dataset.name=FOO", "dataset.generate=true"]],
+    ids=["no-dataset", "topk", "loss", "sampler", "name", "name-generate"])
+def test_failed_start_leaves_nothing_and_can_be_rerun(synth_root, tmp_path, bad):
+    """Config values, dataset and model are checked before the run folder exists: a
+    failed start leaves no folder, so the same command fails the same way again (not
+    with "already exists")."""
+    from utils.errors import UserError
+    bad = [b.replace("MISSING", str(tmp_path / "nowhere")) for b in bad]
+    out = tmp_path / "out"
+    argv = ["--config_file", CONFIG, *tiny_overrides(synth_root, out), *bad]
+    messages = []
+    for _ in range(2):
+        with pytest.raises(UserError) as err:
+            train_script.main(argv)
+        messages.append(str(err.value))
+        assert not out.exists()
+    assert messages[0] == messages[1] and not isinstance(err.value, RunFolderError)
+
+
+def test_folder_of_a_start_that_never_saved(synth_root, tmp_path):
+    """A start killed before its first checkpoint leaves configs.yaml and train.log:
+    the same command is refused (the folder is taken), resume=true starts it again there."""
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    run.mkdir(parents=True)
+    from utils.config import load_config, save_config
+    save_config(load_config(CONFIG, tiny_overrides(synth_root, tmp_path)), run / "configs.yaml")
+    (run / "train.log").write_text("killed while loading the dataset\n")
+    with pytest.raises(RunFolderError, match="holds no checkpoint.*resume=true"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path)])
+    result = train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true",
+                                "solver.num_epoch=1"])
+    _check_metrics(result["t2i"])
+    assert load_checkpoint(run / "last.pth")["epoch"] == 1
+    assert "starts from the beginning" in (run / "train.log").read_text()
+
+
+def test_other_checkpoints_get_their_own_metrics_file(synth_root, tmp_path):
+    """test.py checkpoint=OTHER never overwrites test_metrics.json (best.pth's, which
+    visualize.py reads)."""
+    import shutil
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.num_epoch=1"])
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    best = (run / "test_metrics.json").read_bytes()
+    config = str(run / "configs.yaml")
+    test_script.main(["--config_file", config, f"checkpoint={run / 'last.pth'}"])
+    elsewhere = tmp_path / "kept" / "epoch1.pth"
+    elsewhere.parent.mkdir()
+    shutil.copy(run / "last.pth", elsewhere)
+    test_script.main(["--config_file", config, f"checkpoint={elsewhere}"])
+    test_script.main(["--config_file", config, f"checkpoint={run / 'best.pth'}"])
+    assert (run / "test_metrics.json").read_bytes() == best
+    other = sorted(p.name for p in run.glob("test_metrics_*.json"))
+    assert len(other) == 2 and "test_metrics_last.json" in other
+    assert re.fullmatch(r"test_metrics_epoch1_[0-9a-f]{8}\.json", next(
+        name for name in other if name != "test_metrics_last.json"))
+    assert json.loads((run / "test_metrics_last.json").read_text())["checkpoint"].endswith(
+        "last.pth")
+
+
+def test_scoring_and_resuming_need_no_clip_file(synth_root, tmp_path):
+    """A run trained from a CLIP weights file is scored (test.py, visualize.py,
+    retrieve.py) and resumed after the file is gone: the checkpoint holds every weight."""
+    import retrieve
+    import visualize
+    from model import build_model
+    from utils.config import load_config
+    clip = tmp_path / "clip.pt"
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(CONFIG, tiny_overrides(synth_root, tmp_path))
+                           ).backbone.state_dict(), clip)
+    result = train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                                f"model.pretrain={clip}", "solver.num_epoch=1"])
+    clip.unlink()
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    config = str(run / "configs.yaml")
+    assert test_script.main(["--config_file", config])["t2i"] == result["t2i"]
+    visualize.main(["--config_file", config, "--indices", "0", "--out", str(tmp_path / "vis")])
+    found = retrieve.main(["--config_file", config, "--gallery", str(synth_root / "CUHK-PEDES"),
+                           "--query", "a man in a red coat", "--topk", "3",
+                           "--out", str(tmp_path / "vis")])
+    assert len(found["queries"][0]["matches"]) == 3
+    train_script.main(["--config_file", config, "resume=true", "solver.num_epoch=2"])
+    assert load_checkpoint(run / "last.pth")["epoch"] == 2
+
+
 def test_test_py_without_best_checkpoint_says_what_is_there(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

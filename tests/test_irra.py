@@ -504,8 +504,9 @@ def test_irra_checkpoint_scores_through_test_py_and_fine_tunes(synth_root, tmp_p
     reference = test_script.main(["--config_file", str(IRRA_CONFIG), f"checkpoint={ours}",
                                   *overrides])
     assert scored["t2i"] == reference["t2i"] and scored["epoch"] == 17
-    saved = json.loads((tmp_path / "CUHK-PEDES" / "irra" / "test_metrics.json").read_text())
-    assert saved["split"] == "test"
+    from processor.runner import metrics_file
+    saved = json.loads(metrics_file(tmp_path / "CUHK-PEDES" / "irra", irra_ckpt).read_text())
+    assert saved["split"] == "test" and saved["checkpoint"] == str(irra_ckpt)
 
     # As model.pretrain: the backbone starts from IRRA's CLIP.
     pretrained = build_model(load_config(IRRA_CONFIG, overrides + [f"model.pretrain={irra_ckpt}"]),

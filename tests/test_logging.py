@@ -109,7 +109,8 @@ def test_train_log_holds_config_data_validations_checkpoints_accuracies_and_eta(
     assert len(re.findall(r"epoch \d validation: encoding \d+ images and \d+ captions", log)) == 2
     assert len(re.findall(r"epoch \d validation \(.*\):\n\+-+.*\n\| task .*\n\+.*\n\| t2i ", log)) == 2
     assert re.search(r"test: encoding \d+ images and \d+ captions", log)
-    assert log.count("/last.pth at step ") == 2 and "/best.pth at step " in log
+    # last.pth at each epoch end, before and after its validation.
+    assert log.count("/last.pth at step ") == 4 and "/best.pth at step " in log
     # Step lines: loss terms | accuracies | speed and ETA; the loss sums the terms only.
     steps = re.findall(r" step \d+ lr \S+ (.*) \| (.*) \| .* eta \d+:\d\d:\d\d$", log, re.M)
     assert len(steps) >= 4

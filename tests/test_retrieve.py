@@ -19,6 +19,7 @@ from conftest import ROOT, TINY_MODEL
 from datasets.pedes import DatasetError
 from datasets.synth import COLOURS, draw_identity, draw_image
 from datasets.transforms import CLIP_MEAN, CLIP_STD
+from utils.config import ConfigError
 from utils.gallery import KEY_PATTERN, GalleryIndex
 from utils.tokenizer import EOT_TOKEN_ID, get_tokenizer
 
@@ -408,3 +409,16 @@ def test_real_checkpoint_end_to_end(gallery, tmp_path):
     assert again["gallery"]["embedded"] == len(PIDS) * IMAGES_PER_ID
     (second_cache,) = cache_folders(run_dir / "gallery_cache")
     assert second_cache.name != first_cache.name
+
+
+def test_queries_without_words_are_refused_and_long_ones_warned(colour_run, gallery, caplog):
+    run_dir, model = colour_run
+    folder, _ = gallery
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="has no words to rank images by"):
+            _retrieve(run_dir, folder, "--query", "a man in red", "--query", blank)
+    assert model.images_encoded == 0  # refused before the gallery is embedded
+    with caplog.at_level(logging.WARNING):
+        result = _retrieve(run_dir, folder, "--query", "a person in red " * 20)
+    assert len(result["queries"][0]["matches"]) == 10
+    assert "--query has 82 tokens but the model reads 40" in caplog.text

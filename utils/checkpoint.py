@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import config_diff
+from .errors import UserError
 
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 _NO_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unsafe, corrupt, made for another config or unwritable."""
 
 
@@ -186,6 +187,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                               f"{err}") from err
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
+    model = obj["model"]
+    if not isinstance(model, Mapping) or not all(torch.is_tensor(v) for v in model.values()):
+        raise CheckpointError(f"{path} is damaged or not a checkpoint of this project: its "
+                              f"'model' entry is {type(model).__name__} {model!r:.60}, not a "
+                              f"state dict of tensors")
     return obj
 
 

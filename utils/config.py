@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from easydict import EasyDict
 
+from .errors import UserError
+
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 BASE_KEY = "_BASE_"
 # Keys whose default is a mapping of free-form entries (not validated one by one).
@@ -34,7 +36,7 @@ PATH_KEYS = ("output_dir", "dataset.root_dir", "dataset.cache_dir", "model.cache
              "checkpoint.path")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
 
 
@@ -50,6 +52,9 @@ def _read_yaml(path: Path) -> dict:
             data = yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                          f"offset {err.start}); save it as UTF-8") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

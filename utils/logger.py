@@ -23,6 +23,7 @@ PACKAGE_LOGGERS = (LOGGER_NAME, "datasets", "model", "processor", "solver", "uti
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
 
 _installed: list[logging.Handler] = []  # the root handlers of the current set-up
+_SHOW_WARNING = warnings.showwarning
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -46,11 +47,8 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0,
     """Route this codebase's loggers and Python warnings to the console and to
     `output_dir/filename` (rank 0; other ranks stay silent). Calling it again
     replaces the previous set-up. Returns the `comoe` logger."""
+    close_logger()
     root = logging.getLogger()
-    for handler in _installed:
-        root.removeHandler(handler)
-        handler.close()
-    _installed.clear()
     for name in PACKAGE_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
@@ -68,6 +66,17 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0,
         root.addHandler(handler)
         _installed.append(handler)
     return logging.getLogger(LOGGER_NAME)
+
+
+def close_logger() -> None:
+    """Undo `setup_logger`: remove and close its handlers and give Python warnings back
+    their own display (e.g. between runs in one process)."""
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+    warnings.showwarning = _SHOW_WARNING
 
 
 class Progress:
@@ -96,3 +105,17 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def log_to_file(level: int, message: str, exc_info=None, name: str = LOGGER_NAME) -> None:
+    """A record for the log files only: for messages the console shows another way
+    (an entry point prints fatal errors to stderr). It takes the path a record of
+    logger `name` takes (its handlers, then its ancestors' while it propagates)."""
+    logger = logging.getLogger(name)
+    record = logger.makeRecord(name, level, __file__, 0, message, None, exc_info)
+    node = logger
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        node = node.parent if node.propagate else None

@@ -169,7 +169,35 @@ def read_expert_stats(run_dir: str | os.PathLike) -> dict:
     if not experts:
         raise RunFolderError(f"{path} has no 'experts' entry: the run has no CoMoE head "
                              f"(model.head=none), so there is no routing to plot")
+    problem = _expert_stats_problem(experts)
+    if problem:
+        raise RunFolderError(f"{path}: {problem}; rerun test.py to rewrite it")
     return experts
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _expert_stats_problem(experts) -> str | None:
+    """What is wrong with an "experts" entry, or None: {"image"|"text": {"usage": one list
+    of per-expert shares per layer, "entropy": one number per layer}}."""
+    if not isinstance(experts, dict) or not set(experts) & {"image", "text"}:
+        return f"'experts' must map image/text to statistics, got {experts!r:.80}"
+    for modality, stats in experts.items():
+        where = f"experts.{modality}"
+        if not isinstance(stats, dict) or not {"usage", "entropy"} <= set(stats):
+            return f"'{where}' must hold 'usage' and 'entropy', got {stats!r:.80}"
+        usage, entropy = stats["usage"], stats["entropy"]
+        if not (isinstance(usage, list) and usage and all(
+                isinstance(layer, list) and layer and all(map(_is_number, layer))
+                for layer in usage)):
+            return f"'{where}.usage' must be a list of per-layer lists of numbers, got {usage!r:.80}"
+        if not (isinstance(entropy, list) and len(entropy) == len(usage)
+                and all(map(_is_number, entropy))):
+            return (f"'{where}.entropy' must be a list of {len(usage)} numbers (one per layer), "
+                    f"got {entropy!r:.80}")
+    return None
 
 
 def _usage_bars(ax, groups: Sequence[tuple[str, Sequence[float], str]], title: str) -> None:
@@ -308,8 +336,9 @@ def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
     """Rebuild the model of a run folder from its saved configs.yaml and load its weights.
 
     The checkpoint is `checkpoint`, else the config's `checkpoint.path`, else
-    best.pth of the run folder, else last.pth. `num_classes` comes from the
-    checkpoint, the device from the config's `device`.
+    best.pth of the run folder, else last.pth. `num_classes` and every weight come
+    from the checkpoint (model.pretrain is not read), the device from the config's
+    `device`.
     """
     from model import build_model
     from model.irra import from_irra_checkpoint, is_irra_state_dict
@@ -324,13 +353,30 @@ def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
     if is_irra_state_dict(ckpt["model"]):
         ckpt = from_irra_checkpoint(ckpt, str(path))
     device = resolve_device(cfg.device)
-    model = build_model(cfg, num_classes=ckpt.get("num_classes"))
+    model = build_model(cfg, num_classes=ckpt.get("num_classes"), checkpoint_state=ckpt["model"])
     load_model_state(model, ckpt, to_plain(cfg), source=str(path))
     del ckpt
     return LoadedRun(cfg, model.to(device).eval(), device, run_dir, path)
 
 
 # -- ranking test-split queries ------------------------------------------------
+
+def check_queries(queries: Sequence[str], context_length: int) -> None:
+    """Refuse queries without words (ConfigError); warn about those longer than the
+    model's `context_length` tokens, which only count up to there."""
+    from utils.config import ConfigError
+    from utils.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    for text in queries:
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ConfigError(f"--query {text!r} has no words to rank images by; describe "
+                              f"the person, e.g. --query \"a woman in a red coat\"")
+        if len(ids) + 2 > context_length:  # + start and end of text
+            kept = tokenizer.decode(ids[:context_length - 2]).strip()
+            logger.warning("--query has %d tokens but the model reads %d (dataset.text_length): "
+                           "only \"%s\" is used", len(ids) + 2, context_length, kept)
+
 
 @dataclass
 class RankedQuery:
