@@ -286,14 +286,17 @@ class Trainer:
 
     def _clip_gradients(self) -> torch.Tensor:
         """The total gradient norm (one multi-tensor pass), clipped to solver.grad_clip
-        when that is set. On the device: no host sync."""
-        clip = self.cfg.solver.grad_clip
-        if clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.core.parameters(), clip)
+        when that is set. On the device: no host sync. The norms are taken in fp32: with
+        IRRA's fp16 weights the gradients are fp16, and a per-tensor norm above 65504
+        would read as inf there and skip a finite step."""
         grads = [p.grad for p in self.core.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.stack(torch._foreach_norm(grads)).norm()
+        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).norm()
+        clip = self.cfg.solver.grad_clip
+        if clip > 0:  # as torch.nn.utils.clip_grad_norm_ does, from the fp32 norm
+            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+        return total
 
     def _optimizer_step(self, finite: torch.Tensor | None) -> None:
         """Step and schedule (under fp16: unscale and clip first). `finite` (a device

@@ -531,3 +531,22 @@ def test_irra_checkpoint_with_unknown_key_or_wrong_shape_names_it(synth_root, tm
     from utils.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match=r"mlm_head\.dense\.weight: checkpoint \(3, 3\)"):
         test_script.main(["--config_file", str(IRRA_CONFIG), f"checkpoint={path}", *overrides])
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_fp16_gradient_norms_do_not_overflow(clip):
+    """With fp16 weights a gradient tensor whose norm exceeds fp16's 65504 is still finite:
+    the step's finiteness check and clipping take the norms in fp32."""
+    from types import SimpleNamespace
+
+    from processor.trainer import Trainer
+    layer = nn.Linear(100, 100).half()
+    layer.weight.grad = torch.full_like(layer.weight, 1000.0)  # norm 1e5
+    layer.bias.grad = torch.full_like(layer.bias, 1.0)  # norm 10
+    trainer = SimpleNamespace(core=layer, cfg=SimpleNamespace(solver=SimpleNamespace(grad_clip=clip)))
+    total = Trainer._clip_gradients(trainer)
+    assert total.dtype == torch.float32 and total.item() == pytest.approx(1e5, rel=1e-4)
+    if clip:
+        assert layer.weight.grad.float().norm().item() == pytest.approx(clip * 1e5 / (1e5 + 10),
+                                                                        rel=1e-2)
+        assert torch.isfinite(layer.weight.grad).all()
