@@ -147,7 +147,8 @@ class RetrievalModel(nn.Module):
         self.embed_mode = embed
         self.losses = losses
         self.num_classes = num_classes
-        # The temperature is fixed (METHOD.md §3); CLIP's learnable scale is unused.
+        # SDM and ITC use a fixed temperature (model.temperature, 0.02 as in IRRA); CLIP's
+        # learnable scale is unused.
         self.backbone.logit_scale.requires_grad_(False)
         self.logit_scale = 1.0 / losses.temperature
         dim = backbone.embed_dim

@@ -45,8 +45,10 @@ QUICK_AUDIT_SAMPLES = 16
 # (ViT-B/16 sizes, random weights, each sample alone vs in a batch of 8): fp32 8e-8,
 # bf16 1.3e-3, fp16 0. TF32 (fp32 on CUDA with TF32 matmuls or convolutions allowed)
 # keeps fp16's 10-bit mantissa; fp16 or bf16 weights (a legacy training mode) round
-# like the autocast precision of their type. A batch leak moves embeddings by far more: adding the
-# batch mean, or attending over the batch (METHOD's §7 pitfall), changes them by O(0.1).
+# like the autocast precision of their type. A batch leak moves embeddings by far more:
+# adding the batch mean, or attention over the batch axis (the sequence-first attention
+# on batch-first tensors that inflated a public fork's ICFG-PEDES scores), changes them
+# by O(0.1).
 AUDIT_TOLERANCES = {"fp32": 1e-4, "tf32": 2e-3, "fp16": 2e-3, "bf16": 1e-2}
 
 
