@@ -221,10 +221,20 @@ def run_training(cfg) -> dict:
     if ckpt is not None:
         differences = compare_for_resume(ckpt["config"], to_plain(cfg), ckpt["epoch"],
                                          str(run_dir / "last.pth"))
+    # train.log starts with these: the records of the start-up are kept for it.
+    logger.info("run folder: %s", run_dir)
+    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
+    logger.info("device: %s, processes: %d", device, comm.get_world_size())
+    if cfg.resume and ckpt is None:
+        logger.warning("resume=true: %s holds no last.pth (the run stopped before its first "
+                       "save); training starts from the beginning", run_dir)
+    for difference in differences:
+        logger.warning("resume: %s", difference)
     set_seed(cfg.seed, cfg.deterministic)
     configure_backends(cfg)
 
     dataset = load_dataset(cfg, generate=True)
+    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
     if ckpt is not None and ckpt.get("num_classes") not in (None, dataset.num_train_pids):
         raise DatasetError(
             f"{cfg.dataset.name} under {cfg.dataset.root_dir} has {dataset.num_train_pids} "
@@ -245,15 +255,6 @@ def run_training(cfg) -> dict:
 
 def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, val, model,
                      ckpt: dict | None, differences: list[Difference]) -> dict:
-    logger.info("run folder: %s", run_dir)
-    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
-    logger.info("device: %s, processes: %d", device, comm.get_world_size())
-    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
-    if cfg.resume and ckpt is None:
-        logger.warning("resume=true: %s holds no last.pth (the run stopped before its first "
-                       "save); training starts from the beginning", run_dir)
-    for difference in differences:
-        logger.warning("resume: %s", difference)
     if cfg.solver.accumulation_steps > 1:
         logger.warning("solver.accumulation_steps=%d: SDM, ITC, CMPM and CoAR are computed within "
                        "each micro-batch of %d, not over the whole batch of %d",

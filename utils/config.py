@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from easydict import EasyDict
 
-from .errors import UserError
+from .errors import UserError, UserInputWarning
 
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 BASE_KEY = "_BASE_"
@@ -40,7 +40,7 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
 
 
-class ConfigWarning(UserWarning):
+class ConfigWarning(UserInputWarning):
     """A valid config that probably does not do what was meant."""
 
 
