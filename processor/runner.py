@@ -159,9 +159,10 @@ def _check_run_folder(cfg, run_dir: Path) -> dict | None:
     return None
 
 
-def _open_run_folder(cfg, run_dir: Path, ckpt: dict | None,
+def _open_run_folder(cfg, run_dir: Path, position: dict | None,
                      differences: list[Difference]) -> None:
-    """Create (or, on resume, update) the run folder; rank 0 writes, the others wait.
+    """Create (or, on resume from `position`, update) the run folder; rank 0 writes, the
+    others wait. Then the log file, which starts with the records of the start-up.
 
     configs.yaml always describes the run as it continues: written at every start and
     resume (a resume's changes are also listed in resumes.yaml)."""
@@ -169,9 +170,8 @@ def _open_run_folder(cfg, run_dir: Path, ckpt: dict | None,
     if comm.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config({**to_plain(cfg), "resume": False}, run_dir / CONFIG_NAME)
-        if ckpt is not None:
-            record_resume(run_dir, {k: ckpt[k] for k in ("epoch", "batch_in_epoch",
-                                                         "global_step")}, differences)
+        if position is not None:
+            record_resume(run_dir, position, differences)
     comm.barrier()
     setup_logger(run_dir, rank=comm.get_rank())
 
@@ -208,13 +208,14 @@ def run_training(cfg) -> dict:
     """Train, keep best.pth (val R1) and last.pth, then test best.pth.
 
     Everything that can be checked is checked before the run folder is created or
-    changed (config values, dataset, model, and on resume the checkpoint and the
-    config changes), so a failed start leaves nothing behind. From then on, a fatal
-    error also goes to train.log, with the command that resumes the run.
+    changed (config values, dataset, model, optimizer and schedule, and on resume the
+    config changes and the checkpoint, loaded), so a failed start leaves nothing
+    behind. From then on, a fatal error also goes to train.log, with the command that
+    resumes the run.
     """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)
-    setup_logger(None, rank=comm.get_rank())  # the console only, until the run folder exists
+    setup_logger(None, rank=comm.get_rank())  # records kept for train.log until it exists
     run_dir = run_folder(cfg)
     ckpt = _check_run_folder(cfg, run_dir)
     differences = []
@@ -244,17 +245,26 @@ def run_training(cfg) -> dict:
     val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
     model = build_model(cfg, num_classes=dataset.num_train_pids,
                         checkpoint_state=None if ckpt is None else ckpt["model"]).to(device)
-    _open_run_folder(cfg, run_dir, ckpt, differences)
+    trainer = _build_trainer(cfg, model, loader, val, device, run_dir, dataset.num_train_pids)
+    position = None
+    if ckpt is not None:
+        trainer.resume(ckpt, str(run_dir / "last.pth"))
+        _log_schedule_change(ckpt["config"]["solver"], cfg.solver, trainer.global_step,
+                             len(loader), trainer.optimizer)
+        position = {k: ckpt[k] for k in ("epoch", "batch_in_epoch", "global_step")}
+        ckpt.clear()  # frees the checkpoint's tensors (several times the model's size)
+    _open_run_folder(cfg, run_dir, position, differences)
     try:
-        return _train_in_folder(cfg, run_dir, device, dataset, loader, val, model, ckpt,
-                                differences)
+        return _train_in_folder(cfg, run_dir, device, dataset, model, trainer)
     except BaseException as err:
         _log_failure(err, run_dir)
         raise
 
 
-def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, val, model,
-                     ckpt: dict | None, differences: list[Difference]) -> dict:
+def _build_trainer(cfg, model, loader, val, device: torch.device, run_dir: Path,
+                   num_classes: int) -> Trainer:
+    """The trainer of `model`, with its optimizer, schedule and grad scaler (and DDP
+    under torchrun); its TensorBoard writer comes with the run folder."""
     if cfg.solver.accumulation_steps > 1:
         logger.warning("solver.accumulation_steps=%d: SDM, ITC, CMPM and CoAR are computed within "
                        "each micro-batch of %d, not over the whole batch of %d",
@@ -283,16 +293,15 @@ def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, 
                                 warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
                                 min_lr_factor=s.min_lr_factor, per_epoch=s.lr_update == "epoch")
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-    tb = _tensorboard(run_dir)
-    trainer = Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
-                      num_classes=dataset.num_train_pids, tb_writer=tb)
-    if ckpt is not None:
-        trainer.resume(ckpt, str(run_dir / "last.pth"))
-        _log_schedule_change(ckpt["config"]["solver"], cfg.solver, trainer.global_step,
-                             len(loader), optimizer)
-        ckpt.clear()  # frees the checkpoint's tensors (several times the model's size)
+    return Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
+                   num_classes=num_classes)
+
+
+def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, model,
+                     trainer: Trainer) -> dict:
+    tb = trainer.tb = _tensorboard(run_dir)
     trainer.train()
-    if val is None:
+    if trainer.val_loaders is None:
         trainer.save("best.pth", trainer.model_state())
     comm.barrier()
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,

@@ -130,8 +130,10 @@ def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
 @pytest.mark.parametrize("bad", [
     ["dataset.root_dir=MISSING", "dataset.generate=false"], ["moe.topk=8"], ["loss.names=sdm+foo"],
     ["dataset.sampler=identity", "solver.batch_size=30"], ["dataset.name=FOO"],
-    ["dataset.name=FOO", "dataset.generate=true"]],
-    ids=["no-dataset", "topk", "loss", "sampler", "name", "name-generate"])
+    ["dataset.name=FOO", "dataset.generate=true"], ["solver.module_lr_factors={head.blocks.*.moee: 2.0}"],
+    ["moe.num_experts=0"]],
+    ids=["no-dataset", "topk", "loss", "sampler", "name", "name-generate", "lr-pattern",
+         "coar-without-experts"])
 def test_failed_start_leaves_nothing_and_can_be_rerun(synth_root, tmp_path, bad):
     """Config values, dataset and model are checked before the run folder exists: a
     failed start leaves no folder, so the same command fails the same way again (not
@@ -147,6 +149,21 @@ def test_failed_start_leaves_nothing_and_can_be_rerun(synth_root, tmp_path, bad)
         messages.append(str(err.value))
         assert not out.exists()
     assert messages[0] == messages[1] and not isinstance(err.value, RunFolderError)
+
+
+def test_unavailable_fused_optimizer_leaves_nothing(synth_root, tmp_path, monkeypatch):
+    adamw = torch.optim.AdamW
+
+    def without_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("fused=True requires all the params to be on a supported device")
+        return adamw(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="solver.optimizer_kernel=fused is not available"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, out),
+                           "solver.optimizer_kernel=fused"])
+    assert not out.exists()
 
 
 def test_folder_of_a_start_that_never_saved(synth_root, tmp_path):

@@ -244,6 +244,11 @@ def _check_comoe(cfg: Mapping) -> str | None:
                 "parameters). Use model.embed=sum or mean, or model.head=none")
     num_experts, topk = moe["num_experts"], moe["topk"]
     if num_experts == 0:
+        if "coar" in (name.strip() for name in cfg["loss"]["names"].split("+")):
+            return (f"loss.names={cfg['loss']['names']} has coar, which regularises the routers "
+                    f"of the MoE layers, but moe.num_experts=0 builds a head without experts "
+                    f"(and without routers). Drop coar from loss.names, or set "
+                    f"moe.num_experts >= 1")
         return None
     if topk == 1 and moe["combine"] == "renorm":
         return ("moe.combine=renorm with moe.topk=1 gives every token the combine weight "
