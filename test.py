@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-CONFIG_HELP = ("the run's saved configs.yaml (further files add only the keys they set); the "
-               "run folder is the folder of the first file")
+CONFIG_HELP = ("the run's saved configs.yaml, whose folder is the run folder, or an experiment "
+               "file, whose run folder is the one it trains into (further files add only the "
+               "keys they set)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,9 +1,18 @@
 """Build everything a run needs from a resolved config, then train or test.
 
 `train.py` and `test.py` are thin wrappers around `run_training` and `run_test`.
+
+The run folder. train.py trains in `run_folder(cfg)`: {output_dir}/{dataset.name}/{name}.
+test.py, visualize.py and retrieve.py read and write the folder `run_folder_of`
+gives: a saved configs.yaml's own folder, or for an experiment file the folder it
+trains into. Scoring a checkpoint from elsewhere with an experiment file (IRRA's
+best.pth with configs/CUHK-PEDES/irra.yaml) can so leave evaluation outputs in a
+folder whose run has not been trained; they do not keep train.py from starting
+that run there (`EVALUATION_OUTPUTS`).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 from pathlib import Path
@@ -36,8 +45,20 @@ class RunFolderError(UserError, RuntimeError):
     pass
 
 
+# What evaluation writes into a run folder (test.py, visualize.py and retrieve.py).
+EVALUATION_OUTPUTS = ("test.log", "test_metrics*.json", "vis", "gallery_cache")
+
+
 def run_folder(cfg) -> Path:
+    """The folder train.py trains `cfg` in."""
     return Path(cfg.output_dir) / cfg.dataset.name / cfg.name
+
+
+def run_folder_of(config_file: str | Path, cfg) -> Path:
+    """The run folder of evaluation with `config_file` (resolved into `cfg`): a saved
+    configs.yaml's own folder, wherever the run folder was moved, else `run_folder(cfg)`."""
+    config_file = Path(config_file).resolve()
+    return config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
 
 
 def load_dataset(cfg, generate: bool = False):
@@ -148,15 +169,27 @@ def _check_run_folder(cfg, run_dir: Path) -> dict | None:
                 f"resume=true but {last} does not exist; nothing to resume. "
                 f"Start a new run without resume=true.")
         return None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        hint = ("To continue it" if last.is_file() else
-                "It holds no checkpoint (a start that never saved one; its train.log says "
-                "why). To start it again in this folder")
-        raise RunFolderError(
-            f"run folder {run_dir} already exists. {hint}: python train.py "
-            f"--config_file {run_dir / CONFIG_NAME} resume=true ; to start another run, "
-            f"choose a new name (name=...) or remove the folder.")
+    taken = sorted(p.name for p in run_dir.iterdir()
+                   if not any(fnmatch.fnmatch(p.name, out) for out in EVALUATION_OUTPUTS)
+                   ) if run_dir.is_dir() else []
+    if taken:
+        raise RunFolderError(f"run folder {run_dir} already exists{_taken_hint(run_dir, taken)}; "
+                             f"to start another run, choose a new name (name=...) or remove "
+                             f"the folder.")
     return None
+
+
+def _taken_hint(run_dir: Path, names: list[str]) -> str:
+    """What the files `names` of a taken run folder allow, naming only those that exist."""
+    if CONFIG_NAME not in names:
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f" and holds {listed}: no {CONFIG_NAME}, so no run of this codebase to resume"
+    command = f"python train.py --config_file {run_dir / CONFIG_NAME} resume=true"
+    if "last.pth" in names:
+        return f". To continue it: {command}"
+    why = "; its train.log says why" if "train.log" in names else ""
+    return (f". It holds no checkpoint (a start that never saved one{why}). To start it again "
+            f"in this folder: {command}")
 
 
 def _open_run_folder(cfg, run_dir: Path, position: dict | None,
@@ -188,7 +221,8 @@ def _tensorboard(run_dir: Path):
 
 
 def configure_backends(cfg) -> None:
-    """Process-wide math settings of a training run."""
+    """Process-wide math settings of a run, so that every script that computes with a
+    model (train.py, its final test, test.py, visualize.py, retrieve.py) computes alike."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.solver.tf32
     torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
 
@@ -306,8 +340,9 @@ def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, model,
     comm.barrier()
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
                 trainer.best_epoch)
-    result = evaluate_checkpoint(cfg, run_dir / "best.pth", dataset, device, run_dir,
-                                 model=model, tb_writer=tb)
+    best = run_dir / "best.pth"
+    model, epoch = load_for_evaluation(cfg, best, device, model=model)
+    result = evaluate_checkpoint(cfg, best, model, epoch, dataset, device, run_dir, tb_writer=tb)
     if tb is not None:
         tb.close()
     comm.cleanup()
@@ -358,10 +393,11 @@ def metrics_file(run_dir: Path, checkpoint: Path) -> Path:
     return run_dir / f"test_metrics_{name}.json"
 
 
-def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, out_dir: Path,
-                        model=None, tb_writer=None) -> dict:
-    """Evaluate `checkpoint` (this codebase's, or a best.pth of IRRA's code) on the test
-    split; print a table and write the metrics to `metrics_file(out_dir, checkpoint)`."""
+def load_for_evaluation(cfg, checkpoint: Path, device: torch.device,
+                        model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, int | None]:
+    """The weights of `checkpoint` (this codebase's, or a best.pth of IRRA's code) in
+    `model`, or in a model built from `cfg` and the checkpoint's shapes (model.pretrain
+    is not read), on `device`; and the checkpoint's epoch (None when it has none)."""
     ckpt = load_checkpoint(checkpoint)
     if is_irra_state_dict(ckpt["model"]):
         ckpt = from_irra_checkpoint(ckpt, str(checkpoint))
@@ -369,40 +405,44 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
         model = build_model(cfg, num_classes=ckpt.get("num_classes"),
                             checkpoint_state=ckpt["model"]).to(device)
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
+    return model, ckpt.get("epoch")
+
+
+def evaluate_checkpoint(cfg, checkpoint: Path, model: torch.nn.Module, epoch: int | None,
+                        dataset, device: torch.device, out_dir: Path, tb_writer=None) -> dict:
+    """Evaluate `model`, holding the weights of `checkpoint` (of `epoch`), on the test
+    split; print a table and write the metrics to `metrics_file(out_dir, checkpoint)`."""
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
                       i2t=cfg.eval.i2t, desc="test",
                       audit_samples=cfg.eval.audit_samples if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
                       audit_tolerance=cfg.eval.audit_tolerance or None)
-    result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
+    result.update(checkpoint=str(checkpoint), split="test", epoch=epoch)
     if comm.is_main_process():
         path = metrics_file(out_dir, checkpoint)
         logger.info("test results of %s (in %s):\n%s", checkpoint, path, metrics_table(result))
         write_json(path, result)
-        epoch = int(ckpt.get("epoch") or 0)  # the checkpoint's point on the val/ curves
+        step = int(epoch or 0)  # the checkpoint's point on the val/ curves
         if tb_writer is not None:
             for task, prefix in (("t2i", "test/"), ("i2t", "test/i2t_")):
                 for key, value in result.get(task, {}).items():
-                    tb_writer.add_scalar(f"{prefix}{key}", value, epoch)
-        log_expert_usage(tb_writer, result.get("experts"), epoch, prefix="test")
+                    tb_writer.add_scalar(f"{prefix}{key}", value, step)
+        log_expert_usage(tb_writer, result.get("experts"), step, prefix="test")
     return result
 
 
 def run_test(cfg, config_file: str | Path) -> dict:
-    """Rebuild the run from its saved config and evaluate a checkpoint on the test split.
+    """Rebuild the run from its config and evaluate a checkpoint on the test split: the
+    run folder's best.pth, or checkpoint.path.
 
-    The run folder is the saved config's folder; an experiment file (any other name,
-    e.g. configs/CUHK-PEDES/irra.yaml with checkpoint=PATH) names its run folder
-    through output_dir, dataset.name and name.
+    The run folder is `run_folder_of(config_file, cfg)`. test.log and the metrics go
+    there once the checkpoint, the dataset and the model have loaded, so a test that
+    cannot start adds nothing.
     """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)  # under torchrun the ranks share the encoding
-    config_file = Path(config_file).resolve()
-    run_dir = config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
-    if comm.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    comm.barrier()
-    setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
+    setup_logger(None, rank=comm.get_rank())  # records kept for test.log until it exists
+    run_dir = run_folder_of(config_file, cfg)
     checkpoint = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "best.pth"
     if not checkpoint.is_file():
         existing = sorted(p.name for p in run_dir.glob("*.pth"))
@@ -410,10 +450,17 @@ def run_test(cfg, config_file: str | Path) -> dict:
             f"{checkpoint} not found. "
             + (f"Checkpoints in {run_dir}: {', '.join(existing)}; pass one with "
                f"checkpoint=PATH." if existing else
-               f"{run_dir} holds no checkpoint: has training finished a validation yet?"))
+               f"{run_dir} holds no checkpoint: has training finished a validation yet? "
+               f"(checkpoint=PATH scores another one)"))
     set_seed(cfg.seed)
+    configure_backends(cfg)
     dataset = load_dataset(cfg)
     logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
-    result = evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)
+    model, epoch = load_for_evaluation(cfg, checkpoint, device)
+    if comm.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    comm.barrier()
+    setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
+    result = evaluate_checkpoint(cfg, checkpoint, model, epoch, dataset, device, run_dir)
     comm.cleanup()
     return result

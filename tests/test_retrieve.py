@@ -102,7 +102,7 @@ def colour_run(tmp_path, monkeypatch):
     checkpoint = run_dir / "best.pth"
     checkpoint.write_bytes(b"weights")  # only its path, mtime and size matter (cache key)
     model = ColourModel()
-    monkeypatch.setattr(vis, "load_run", lambda config_file, overrides=(), checkpoint_path=None:
+    monkeypatch.setattr(vis, "load_run", lambda cfg, run_dir, checkpoint_path=None:
                         vis.LoadedRun(cfg, model, torch.device("cpu"), run_dir,
                                       Path(checkpoint_path) if checkpoint_path else checkpoint))
     return run_dir, model
