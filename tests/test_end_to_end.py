@@ -369,6 +369,9 @@ def test_scoring_with_an_experiment_file_then_training_it(synth_root, tmp_path):
     outside.parent.mkdir()
     _outside_checkpoint(load_config(experiment, overrides), outside)
     run = out / "CUHK-PEDES" / "irra"
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):  # nothing trained yet
+        test_script.main(["--config_file", str(experiment), *overrides])
+    assert not out.exists()  # a test that cannot start writes nothing
 
     scored = test_script.main(["--config_file", str(experiment), f"checkpoint={outside}", *overrides])
     assert scored["epoch"] == 3
