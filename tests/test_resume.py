@@ -251,6 +251,32 @@ def test_gradient_accumulation_matches_the_full_batch_for_per_sample_losses(synt
                                    msg=lambda m: f"{key}: {m}")
 
 
+def test_accumulation_over_the_last_partial_batch_matches_the_full_batch(synth_root, tmp_path):
+    """dataset.drop_last=false: 76 samples give 9 batches of 8 and one of 4, which 8
+    micro-batches split into 4 of one sample; each counts by its size, so the step is
+    still the whole batch's (a per-sample loss, ID)."""
+    common = ["model.head=none", "model.embed=global", "loss.names=id", "solver.num_epoch=1",
+              "input.flip=false", "input.padding=0", "input.erasing=0", "eval.period=5",
+              "dataset.drop_last=false"]
+    runs = {}
+    for steps in (1, 8):
+        name = f"acc{steps}"
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, name),
+                           *common, f"solver.accumulation_steps={steps}"])
+        runs[steps] = load_checkpoint(tmp_path / "CUHK-PEDES" / name / "last.pth")
+    assert runs[1]["global_step"] == runs[8]["global_step"] == 10
+    for key, value in runs[1]["model"].items():
+        torch.testing.assert_close(runs[8]["model"][key], value, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_drop_last_false_is_refused_with_the_identity_sampler():
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"dataset\.drop_last=false .* identity sampler has none"):
+        load_config(CONFIG, ["dataset.drop_last=false", "dataset.sampler=identity"])
+    load_config(CONFIG, ["dataset.drop_last=false"])
+
+
 def test_accumulation_must_divide_the_batch(synth_root, tmp_path):
     from utils.config import ConfigError
     with pytest.raises(ConfigError, match="accumulation_steps=3"):

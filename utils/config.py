@@ -316,6 +316,16 @@ def _check_fp16_weights(cfg: Mapping) -> str | None:
     return None
 
 
+def _check_drop_last(cfg: Mapping) -> str | None:
+    dataset = cfg["dataset"]
+    if dataset["drop_last"] or dataset["sampler"] != "identity":
+        return None
+    return ("dataset.drop_last=false keeps the random sampler's last incomplete batch; the "
+            "identity sampler has none (it completes its last batch of P identities with "
+            "identities from the start of the epoch). Use dataset.drop_last=true with "
+            "dataset.sampler=identity")
+
+
 def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
     loss_names = [name.strip() for name in cfg["loss"]["names"].split("+")]
     if cfg["loss"]["mlm_masks_captions"] and "mlm" not in loss_names:
@@ -329,7 +339,7 @@ def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
 VALUE_RULES: list[Callable[[Mapping], str | None]] = [
     _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_text_length,
     _check_probability_sums, _check_module_lr_factors, _check_fp16_weights,
-    _check_mlm_masks_captions, _check_comoe,
+    _check_mlm_masks_captions, _check_comoe, _check_drop_last,
 ]
 
 
