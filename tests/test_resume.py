@@ -508,6 +508,52 @@ def test_resume_refuses_fewer_epochs_than_already_trained():
     assert (more.key, more.saved, more.requested) == ("solver.num_epoch", 5, 8)
 
 
+def test_every_key_of_the_defaults_has_a_resume_rule():
+    """Each key is applied, ignored or refused by a rule written for it, with its reason."""
+    from processor.resume import APPLY, IGNORE, REFUSE, RULES, default_values
+    assert set(RULES) == set(default_values())
+    assert all(action in (APPLY, IGNORE, REFUSE) and why for action, why in RULES.values())
+
+
+def _resume_with(saved: dict, *overrides: str):
+    from processor.resume import compare_for_resume
+    from utils.config import load_config, to_plain
+    return compare_for_resume(saved, to_plain(load_config(None, list(overrides))), 1, "x")
+
+
+def test_resume_applies_every_eval_setting_and_names_why_it_refuses_optimizer_groups():
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    changes = ["eval.audit=true", "eval.audit_samples=64", "eval.audit_tolerance=0.01",
+               "eval.i2t=true", "eval.batch_size=8", "eval.period=3"]
+    assert sorted(d.key for d in _resume_with(saved, *changes)) == sorted(
+        c.split("=")[0] for c in changes)
+    for change, why in (("solver.param_rules=irra", "which lr and weight decay each parameter"),
+                        ("solver.module_lr_factors={head: 2.0}", "which lr and weight decay"),
+                        ("solver.lr_update=epoch", "lr schedule of the steps already taken"),
+                        ("solver.fp16_weights=true", "weights' dtype")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            _resume_with(saved, change)
+
+
+def test_a_key_added_since_the_run_started_takes_only_its_default():
+    """An older run's config lacks newer keys: it trained as their defaults behave, so
+    only the default is accepted, except for keys that are applied anyway."""
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    for section, key in (("moe", "combine"), ("solver", "fp16_weights"), ("eval", "audit")):
+        del saved[section][key]
+    listed = _resume_with(saved)  # their defaults: accepted, and listed
+    assert [(d.key, d.saved, d.requested) for d in listed] == [
+        ("eval.audit", None, False), ("moe.combine", None, "renorm"),
+        ("solver.fp16_weights", None, False)]
+    for change in ("moe.combine=prob", "solver.fp16_weights=true"):
+        with pytest.raises(ConfigError, match=r"not a setting when the run started, which "
+                                              r"trained as .* does; it changes"):
+            _resume_with(saved, change)
+    assert "eval.audit" in [d.key for d in _resume_with(saved, "eval.audit=true")]
+
+
 def test_non_finite_weights_are_never_saved(synth_root, tmp_path, monkeypatch):
     """A step that makes the weights inf (e.g. an infinite lr) must not turn last.pth
     into a 'last good state' of garbage: the save is refused, last.pth keeps step 2."""
