@@ -65,7 +65,7 @@ class CheckpointMismatchError(UserError, ValueError):
 
 
 class PretrainedWeightsUnavailable(UserError, FileNotFoundError):
-    """Pretrained weights are neither cached nor downloadable."""
+    """Pretrained weights are not where the pretrain setting says, nor downloadable."""
 
 
 # --------------------------------------------------------------------------- layers
@@ -340,7 +340,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP weights file not found: {path}")
+        raise PretrainedWeightsUnavailable(f"CLIP weights file not found: {path}")
     if _is_torchscript_archive(path):
         # OpenAI publishes TorchScript archives; torch.jit.load would run their code.
         state_dict = read_script_state_dict(path)
@@ -565,7 +565,7 @@ def build_clip(
     else:
         path = Path(pretrain).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise PretrainedWeightsUnavailable(
                 f"pretrain={str(pretrain)!r} is neither a file nor a known model "
                 f"({', '.join(PRETRAINED_URLS)}, or 'none' for random initialisation)."
             )

@@ -259,8 +259,10 @@ def test_non_state_dict_file_is_rejected(tmp_path):
 
 def test_unknown_pretrain_names_the_path(tmp_path):
     missing = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
         build_clip(str(missing))
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
+        load_state_dict_file(missing)
 
 
 def test_offline_missing_weights_name_url_and_path(tmp_path, monkeypatch):

@@ -272,6 +272,19 @@ def _check_topk(cfg: Mapping) -> str | None:
             f"(experts per token out of the pool); got {moe['topk']}")
 
 
+def _check_arch(cfg: Mapping) -> str | None:
+    from model.clip_model import ARCH_KEYS  # the CLIP's own list, imported when a config loads
+    for key, value in cfg["model"]["arch"].items():
+        if key not in ARCH_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(ARCH_KEYS), n=1, cutoff=0.6)
+            guess = f"; did you mean model.arch.{close[0]}?" if close else ""
+            return (f"unknown key 'model.arch.{key}'{guess} (architecture keys: "
+                    f"{', '.join(sorted(ARCH_KEYS))})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"key 'model.arch.{key}' must be an integer >= 1; got {value!r}"
+    return None
+
+
 def _check_text_length(cfg: Mapping) -> str | None:
     context = cfg["model"]["arch"].get("context_length", 77)
     if cfg["dataset"]["text_length"] <= context:
@@ -337,7 +350,7 @@ def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
 # Rules that involve more than one key or more than a range; each returns an error
 # message (naming the keys) or None.
 VALUE_RULES: list[Callable[[Mapping], str | None]] = [
-    _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_text_length,
+    _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_arch, _check_text_length,
     _check_probability_sums, _check_module_lr_factors, _check_fp16_weights,
     _check_mlm_masks_captions, _check_comoe, _check_drop_last,
 ]
