@@ -521,3 +521,21 @@ def test_parity_with_open_clip_vit_b16(open_clip_reference, source):
     assert open_clip_reference["text_tokens"].abs().max() > 0.5
     errors = parity_errors(model, open_clip_reference)
     assert max(errors.values()) < PARITY_TOL, errors
+
+
+@pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "ddp"])
+def test_a_checkpoint_of_this_codebase_is_a_pretrain_file(tmp_path, prefix):
+    """model.pretrain=RUN/best.pth (or last.pth) starts from that run's CLIP."""
+    from conftest import ROOT, TINY_MODEL
+    from model import build_model
+    from utils.config import load_config
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY_MODEL)
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    path = tmp_path / "best.pth"
+    torch.save({"model": {prefix + k: v for k, v in trained.state_dict().items()},
+                "config": {}, "epoch": 3}, path)
+    started = build_model(load_config(ROOT / "configs" / "demo.yaml",
+                                      TINY_MODEL + [f"model.pretrain={path}"]))
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(started.backbone.state_dict()[key], value), key
