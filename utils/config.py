@@ -66,7 +66,8 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float (YAML's numbers), not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -86,16 +87,16 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = _is_number(value)
+        ok = is_number(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
         ok = isinstance(value, list)
-        if ok and default and all(_is_number(d) for d in default):
+        if ok and default and all(is_number(d) for d in default):
             integers = all(isinstance(d, int) for d in default)
             ok = len(value) == len(default) and all(
-                isinstance(v, int) and not isinstance(v, bool) if integers else _is_number(v)
+                isinstance(v, int) and not isinstance(v, bool) if integers else is_number(v)
                 for v in value)
             value = value if integers or not ok else [float(v) for v in value]
     else:
@@ -305,7 +306,7 @@ def _check_probability_sums(cfg: Mapping) -> str | None:
 
 def _check_module_lr_factors(cfg: Mapping) -> str | None:
     for pattern, factor in cfg["solver"]["module_lr_factors"].items():
-        if not isinstance(pattern, str) or not _is_number(factor) or factor < 0:
+        if not isinstance(pattern, str) or not is_number(factor) or factor < 0:
             return (f"key 'solver.module_lr_factors' maps module-name patterns to lr factors "
                     f">= 0, e.g. {{'head.blocks.*.moe': 2.0}}; got {pattern!r}: {factor!r}")
     return None

@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from utils.config import is_number
+
 logger = logging.getLogger(__name__)
 
 DPI = 100
@@ -175,10 +177,6 @@ def read_expert_stats(run_dir: str | os.PathLike) -> dict:
     return experts
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _expert_stats_problem(experts) -> str | None:
     """What is wrong with an "experts" entry, or None: {"image"|"text": {"usage": one list
     of per-expert shares per layer, "entropy": one number per layer}}."""
@@ -190,11 +188,11 @@ def _expert_stats_problem(experts) -> str | None:
             return f"'{where}' must hold 'usage' and 'entropy', got {stats!r:.80}"
         usage, entropy = stats["usage"], stats["entropy"]
         if not (isinstance(usage, list) and usage and all(
-                isinstance(layer, list) and layer and all(map(_is_number, layer))
+                isinstance(layer, list) and layer and all(map(is_number, layer))
                 for layer in usage)):
             return f"'{where}.usage' must be a list of per-layer lists of numbers, got {usage!r:.80}"
         if not (isinstance(entropy, list) and len(entropy) == len(usage)
-                and all(map(_is_number, entropy))):
+                and all(map(is_number, entropy))):
             return (f"'{where}.entropy' must be a list of {len(usage)} numbers (one per layer), "
                     f"got {entropy!r:.80}")
     return None
