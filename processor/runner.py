@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from utils.config import ConfigError, dump_config, save_config, to_plain
 from utils.errors import StopRequested, UserError
 from utils.logger import log_to_file, setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
+from utils.signals import stop_signals_raise
 
 from .evaluator import QUICK_AUDIT_SAMPLES, evaluate, metrics_table
 from .resume import Difference, compare_for_resume, record_resume
@@ -341,8 +343,15 @@ def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, model,
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
                 trainer.best_epoch)
     best = run_dir / "best.pth"
-    model, epoch = load_for_evaluation(cfg, best, device, model=model)
-    result = evaluate_checkpoint(cfg, best, model, epoch, dataset, device, run_dir, tb_writer=tb)
+
+    def stopped(signum: int) -> str:
+        return (f"stopped by {signal.Signals(signum).name} during the final test: training is "
+                f"complete and {best} is saved. Score it with: python test.py --config_file "
+                f"{run_dir / CONFIG_NAME}")
+    with stop_signals_raise(stopped):
+        model, epoch = load_for_evaluation(cfg, best, device, model=model)
+        result = evaluate_checkpoint(cfg, best, model, epoch, dataset, device, run_dir,
+                                     tb_writer=tb)
     if tb is not None:
         tb.close()
     comm.cleanup()
@@ -372,7 +381,8 @@ def _log_failure(err: BaseException, run_dir: Path) -> None:
     else:
         log_to_file(logging.ERROR, f"training failed: {type(err).__name__}: {err}",
                     exc_info=(type(err), err, err.__traceback__))
-    if "last.pth" not in str(err) and (run_dir / "last.pth").is_file():  # not said yet
+    if (not isinstance(err, StopRequested)  # a stop says what to do next itself
+            and "last.pth" not in str(err) and (run_dir / "last.pth").is_file()):
         logger.error("the last saved state is in %s; after fixing the cause, resume with: "
                      "python train.py --config_file %s resume=true", run_dir / "last.pth",
                      run_dir / CONFIG_NAME)
