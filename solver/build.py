@@ -30,9 +30,12 @@ from .lr_scheduler import WarmupCosineSchedule
 
 logger = logging.getLogger(__name__)
 
-# Parameters that never get weight decay besides biases and norm weights.
+# Parameters that never get weight decay besides biases and norm weights (by name, so that
+# whatever their shape): CLIP's embeddings and temperature, and the router's learned prompt
+# and mixing weight (a = sigmoid(alpha)), which set the routing rule rather than map
+# features. The router's gates are linear maps and are decayed.
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "token_embedding", "logit_scale",
-                  "prompt", "mix_logit")
+                  "router.prompt", "router.alpha")
 
 
 PARAM_RULES = ("project", "irra")
