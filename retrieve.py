@@ -7,7 +7,7 @@
 Every image under DIR (nested folders, jpg/jpeg/png/bmp/webp, any size) is
 embedded once; the embeddings are cached under the run folder,
 RUN/gallery_cache/<gallery>-<hash>/<key>/ (or under --cache_dir; key: the
-checkpoint file and the image size), and only new or changed files are embedded
+checkpoint file, the image settings and the precision), and only new or changed files are embedded
 on later calls. Caches of checkpoint files that have since changed are removed.
 Prints rank, score and path of the top-K images and writes a figure per query,
 retrieval_<slug>.png, to --out (default: the run's vis/ folder; not DIR, whose

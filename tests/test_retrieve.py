@@ -183,6 +183,19 @@ def test_cache_is_reused_and_follows_file_changes(colour_run, gallery, tmp_path)
     assert len(list(caches[0].glob("emb-*.npy"))) == 1  # the superseded embedding file is gone
 
 
+def test_another_precision_gets_its_own_cache(colour_run, gallery):
+    """Embeddings computed under bf16 autocast are not those of fp32: never mixed up."""
+    run_dir, model = colour_run
+    folder, _ = gallery
+    total = len(PIDS) * IMAGES_PER_ID
+    _retrieve(run_dir, folder, "--query", caption_of(27))
+    bf16 = _retrieve(run_dir, folder, "--query", caption_of(27), "solver.precision=bf16")
+    assert (bf16["gallery"]["embedded"], bf16["gallery"]["reused"]) == (total, 0)
+    assert len(cache_folders(run_dir / "gallery_cache")) == 2
+    again = _retrieve(run_dir, folder, "--query", caption_of(27))["gallery"]
+    assert (again["embedded"], again["reused"]) == (0, total)
+
+
 def test_cache_can_live_elsewhere_and_a_damaged_cache_is_rebuilt(colour_run, gallery, tmp_path,
                                                                  caplog):
     run_dir, model = colour_run
