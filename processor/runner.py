@@ -425,7 +425,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path, model: torch.nn.Module, epoch: in
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
                       i2t=cfg.eval.i2t, desc="test",
-                      audit_samples=cfg.eval.audit_samples if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
+                      audit_samples=max(cfg.eval.audit_samples, QUICK_AUDIT_SAMPLES)
+                      if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
                       audit_tolerance=cfg.eval.audit_tolerance or None)
     result.update(checkpoint=str(checkpoint), split="test", epoch=epoch)
     if comm.is_main_process():
