@@ -25,8 +25,8 @@ from datasets import (DatasetError, ImageAugment, TextAugment, build_dataset, bu
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
 from model.irra import from_irra_checkpoint, is_irra_state_dict
-from solver import build_scheduler, optimizer_from_config
-from solver.lr_scheduler import lr_multiplier
+from solver import (WarmupCosineSchedule, optimizer_from_config, schedule_from_config,
+                    schedule_multiplier)
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import ConfigError, dump_config, save_config, to_plain
@@ -322,13 +322,10 @@ def _build_trainer(cfg, model, loader, val, device: torch.device, run_dir: Path,
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    s = cfg.solver
     compile_training_model(ddp_model, cfg)
     optimizer = optimizer_from_config(model, cfg.solver)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
-                                warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
-                                min_lr_factor=s.min_lr_factor, per_epoch=s.lr_update == "epoch")
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    scheduler = WarmupCosineSchedule(optimizer, **schedule_from_config(cfg.solver, len(loader)))
+    scaler = torch.amp.GradScaler(device.type) if cfg.solver.precision == "fp16" else None
     return Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
                    num_classes=num_classes)
 
@@ -363,9 +360,9 @@ def _log_schedule_change(saved, solver, step: int, steps_per_epoch: int, optimiz
     if saved["num_epoch"] == solver.num_epoch:
         return
     group = optimizer.param_groups[0]
-    old = group["base_lr"] * lr_multiplier(step, saved["num_epoch"] * steps_per_epoch,
-                                           solver.warmup_epochs * steps_per_epoch,
-                                           solver.warmup_factor, solver.min_lr_factor)
+    # The other schedule settings cannot change on resume (processor.resume).
+    old = group["base_lr"] * schedule_multiplier(
+        step, **schedule_from_config(solver, steps_per_epoch, num_epoch=saved["num_epoch"]))
     logger.warning("solver.num_epoch %d -> %d: the warm-up + cosine schedule now ends at step "
                    "%d; at step %d the lr (first parameter group) is %.3g, %.3g on the old "
                    "schedule", saved["num_epoch"], solver.num_epoch,

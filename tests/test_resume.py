@@ -572,3 +572,20 @@ def test_non_finite_weights_are_never_saved(synth_root, tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("lr_update,old", [("step", 0.5), ("epoch", 0.75)])
+def test_a_new_run_length_logs_the_old_schedules_lr_in_its_own_units(caplog, lr_update, old):
+    """At step 25 of 10-step epochs (epoch 2), 4 epochs with 1 of warm-up: stepped per
+    step the cosine is half-way (0.5); stepped per epoch it is a third of the way (0.75)."""
+    from processor.runner import _log_schedule_change
+    from solver import WarmupCosineSchedule, schedule_from_config
+    from utils.config import load_config
+    solver = load_config(None, ["solver.num_epoch=8", "solver.warmup_epochs=1",
+                                f"solver.lr_update={lr_update}", "solver.lr=1.0"]).solver
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    WarmupCosineSchedule(optimizer, **schedule_from_config(solver, 10))
+    with caplog.at_level("WARNING"):
+        _log_schedule_change({**solver, "num_epoch": 4}, solver, 25, 10, optimizer)
+    assert re.search(rf"solver\.num_epoch 4 -> 8: .* at step 25 the lr .* is \S+, {old:g} on the "
+                     rf"old schedule", caplog.text), caplog.text
