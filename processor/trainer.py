@@ -458,6 +458,7 @@ class Trainer:
                 self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's; the step moves the schedule
             losses, finite, metrics = self._step(batch)
             epoch_samples += len(batch["pids"])
             interval_samples += len(batch["pids"])
@@ -478,7 +479,7 @@ class Trainer:
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, list(metrics), steps, **speed)
+                    self._log_step(values, list(metrics), steps, lr, **speed)
                 running, running_steps = {}, 0
                 interval_start, interval_samples, data_wait = now, 0, 0.0
             progress.update(1)
@@ -531,12 +532,12 @@ class Trainer:
         return str(datetime.timedelta(seconds=round(seconds)))
 
     def _log_step(self, values: dict[str, float], metric_names: list[str], steps: int,
-                  samples_per_s: float, data_wait: float) -> None:
-        """A log line: loss terms, training accuracies (if any), then since the last
-        line the throughput (all ranks, data loading included) and the share of the
-        time rank 0 waited for the data loader (high: the loader is the bottleneck),
-        on CUDA this process's peak allocated memory, and the run's ETA."""
-        lr = self.optimizer.param_groups[0]["lr"]
+                  lr: float, samples_per_s: float, data_wait: float) -> None:
+        """A log line: the lr the last step used, loss terms, training accuracies (if
+        any), then since the last line the throughput (all ranks, data loading
+        included) and the share of the time rank 0 waited for the data loader (high:
+        the loader is the bottleneck), on CUDA this process's peak allocated memory,
+        and the run's ETA."""
         speed = f"{samples_per_s:.1f} samples/s, data wait {data_wait:.0%}"
         memory = None
         if self.device.type == "cuda":

@@ -178,3 +178,17 @@ def test_start_up_records_reach_train_log(tmp_path, capsys):
     assert log.count("ConfigWarning") == 1 and log.count("run folder:") == 1
     assert "ConfigWarning" in capsys.readouterr().out  # the console has them as they happen
 
+
+
+def test_step_lines_show_the_lr_the_step_used(synth_root, tmp_path):
+    """With 9 steps of warm-up from 0.1 x 1e-3, step k (1-based) uses lr 1e-3 x (0.1 + 0.1 (k-1))."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _train_one_epoch(synth_root, tmp_path, "solver.warmup_epochs=1")
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    lines = re.findall(r" step (\d+) lr (\S+) ", (run / "train.log").read_text())
+    assert len(lines) == 9
+    for step, lr in lines:
+        assert float(lr) == pytest.approx(1e-3 * (0.1 + 0.1 * (int(step) - 1)), rel=1e-2), step
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/lr")][0] == pytest.approx(1e-4)
