@@ -83,20 +83,21 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0,
         logger.setLevel(logging.INFO)
         logger.propagate = True
     warnings.showwarning = _log_warning
+    log_file = None
     if rank != 0:
         handlers: list[logging.Handler] = [logging.NullHandler()]
+    elif output_dir is None:
+        handlers = [TqdmConsoleHandler(sys.stdout), StartupRecords(pending)]
     else:
-        keeper: logging.Handler = StartupRecords(pending)
-        if output_dir is not None:
-            keeper = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
-        handlers = [TqdmConsoleHandler(sys.stdout), keeper]
+        log_file = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
+        handlers = [TqdmConsoleHandler(sys.stdout), log_file]
     for handler in handlers:
         handler.setFormatter(FORMAT)
         root.addHandler(handler)
         _installed.append(handler)
-    if isinstance(handlers[-1], logging.FileHandler):
+    if log_file is not None:
         for record in pending:
-            handlers[-1].handle(record)
+            log_file.handle(record)
     return logging.getLogger(LOGGER_NAME)
 
 
