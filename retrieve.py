@@ -7,7 +7,7 @@
 Every image under DIR (nested folders, jpg/jpeg/png/bmp/webp, any size) is
 embedded once; the embeddings are cached under the run folder,
 RUN/gallery_cache/<gallery>-<hash>/<key>/ (or under --cache_dir; key: the
-checkpoint file and the image size), and only new or changed files are embedded
+checkpoint file, the image settings and the precision), and only new or changed files are embedded
 on later calls. Caches of checkpoint files that have since changed are removed.
 Prints rank, score and path of the top-K images and writes a figure per query,
 retrieval_<slug>.png, to --out (default: the run's vis/ folder; not DIR, whose
@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Rank a folder of images by a text query.")
-    parser.add_argument("--config_file", required=True, help="the run's saved configs.yaml")
+    parser.add_argument("--config_file", required=True,
+                        help="the run's saved configs.yaml (or the experiment file it was "
+                             "trained from)")
     parser.add_argument("--gallery", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--query", action="append", required=True,
                         help="a description of the person (repeat for several queries)")
@@ -53,13 +55,15 @@ def main(argv=None) -> dict:
     from utils.misc import require_torch
     require_torch()
     from datasets.transforms import build_eval_transform
+    from processor.runner import run_folder_of
+    from utils.config import load_config
     from utils.gallery import encode_queries, index_gallery, search_gallery
     from utils.tokenizer import tokenize
     from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
                                      render_ranking, slugify)
 
-    run = load_run(args.config_file, args.opts, args.checkpoint)
-    cfg = run.cfg
+    cfg = load_config(args.config_file, args.opts)
+    run = load_run(cfg, run_folder_of(args.config_file, cfg), args.checkpoint)
     check_queries(args.query, cfg.dataset.text_length)
     image_size = tuple(cfg.input.size)
     embeddings = encode_queries(run.model, args.query,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-CONFIG_HELP = ("the run's saved configs.yaml (further files add only the keys they set); the "
-               "run folder is the folder of the first file")
+CONFIG_HELP = ("the run's saved configs.yaml, whose folder is the run folder, or an experiment "
+               "file, whose run folder is the one it trains into (further files add only the "
+               "keys they set)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +24,10 @@ def main(argv=None) -> dict:
     from utils.misc import require_torch
     require_torch()
     from processor.runner import run_test
+    from utils.comm import launch_rank
     from utils.config import load_config
+    from utils.logger import setup_logger
+    setup_logger(None, rank=launch_rank())  # before load_config, whose warnings are logged too
     cfg = load_config(args.config_file, args.opts)
     return run_test(cfg, args.config_file[0])
 

@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Ranking and expert-routing figures of a run.")
-    parser.add_argument("--config_file", default=None, help="the run's saved configs.yaml")
+    parser.add_argument("--config_file", default=None,
+                        help="the run's saved configs.yaml (or the experiment file it was "
+                             "trained from)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: the run's best.pth, else last.pth)")
     parser.add_argument("--num_queries", type=int, default=None,
@@ -70,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _run_dir(path: str) -> Path:
-    """A run folder given as the folder itself or a file in it (configs.yaml, test_metrics.json)."""
+    """A --compare run folder given as the folder itself or a file in it (configs.yaml,
+    test_metrics.json)."""
     path = Path(path).resolve()
     return path.parent if path.is_file() else path
 
@@ -80,14 +83,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from utils.misc import require_torch
     require_torch()
+    from processor.runner import run_folder_of
     from utils import visualization as vis
+    from utils.config import load_config
 
-    run_dir = _run_dir(args.config_file) if args.config_file else _run_dir(args.compare[0])
+    cfg = load_config(args.config_file, args.opts) if args.config_file else None
+    run_dir = run_folder_of(args.config_file, cfg) if cfg else _run_dir(args.compare[0])
     out_dir = Path(args.out) if args.out else run_dir / "vis"
     result: dict = {"queries": [], "figures": [], "routing": None, "compare": None}
 
     if args.num_queries or args.indices or args.query:
-        result["queries"] = _rank_queries(args, out_dir, result["figures"])
+        result["queries"] = _rank_queries(args, cfg, run_dir, out_dir, result["figures"])
     if args.routing:
         path = vis.plot_routing(vis.read_expert_stats(run_dir), out_dir / "routing.png",
                                 title=f"expert routing on the test split: {run_dir.name}")
@@ -110,13 +116,13 @@ def main(argv=None) -> dict:
     return result
 
 
-def _rank_queries(args, out_dir: Path, figures: list) -> list:
+def _rank_queries(args, cfg, run_dir: Path, out_dir: Path, figures: list) -> list:
     from processor.runner import load_dataset
     from utils.config import ConfigError
     from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
                                      rank_split_queries, render_query, slugify)
 
-    run = load_run(args.config_file, args.opts, args.checkpoint)
+    run = load_run(cfg, run_dir, args.checkpoint)
     check_queries(args.query, run.cfg.dataset.text_length)
     split = load_dataset(run.cfg).test
     num_captions = len(split.captions)

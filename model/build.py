@@ -14,12 +14,11 @@ import torch.distributed as dist
 from torch import nn
 
 from utils import comm
-from utils.checkpoint import strip_module_prefix
 from utils.config import ConfigError
 from utils.errors import UserError
 
 from . import objectives
-from .clip_model import CLIP, build_clip, infer_arch
+from .clip_model import CLIP, backbone_state, build_clip, infer_arch
 from .comoe import CoMoEHead, fuse_embedding
 from .irra import convert_weights_to_fp16
 from .mlm import MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
@@ -292,10 +291,7 @@ def build_model(cfg, num_classes: int | None = None,
 def _backbone_arch(checkpoint_state: Mapping[str, torch.Tensor], overrides: Mapping) -> dict:
     """CLIP architecture of a RetrievalModel state dict, as `build_clip` infers it from
     a weights file; `model.arch` overrides it there and here."""
-    prefix = "backbone."
-    backbone = {k[len(prefix):]: v for k, v in strip_module_prefix(checkpoint_state).items()
-                if k.startswith(prefix)}
-    return {**infer_arch(backbone), **overrides}
+    return {**infer_arch(backbone_state(checkpoint_state)), **overrides}
 
 
 def _build_model(cfg, num_classes: int | None,

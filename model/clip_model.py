@@ -34,8 +34,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .script_archive import read_script_state_dict
+from utils.checkpoint import strip_module_prefix
 from utils.errors import UserError
+
+from .script_archive import read_script_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ ARCH_KEYS = frozenset(VIT_B16)
 # Entries that are model attributes or derived buffers, not weights: OpenAI's
 # archives carry the first three, TorchScript traces of open_clip the causal mask.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# Where a retrieval model (model.build.RetrievalModel) keeps its CLIP.
+BACKBONE_PREFIX = "backbone."
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -65,7 +69,7 @@ class CheckpointMismatchError(UserError, ValueError):
 
 
 class PretrainedWeightsUnavailable(UserError, FileNotFoundError):
-    """Pretrained weights are neither cached nor downloadable."""
+    """Pretrained weights are not where the pretrain setting says, nor downloadable."""
 
 
 # --------------------------------------------------------------------------- layers
@@ -335,12 +339,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers, strips
     ``module.`` prefixes, drops the archive's non-parameter entries and upcasts
-    floating tensors to fp32. A checkpoint written by IRRA's code gives its CLIP
-    (``base_model.*``); its other keys are checked by name (`model.irra`) and left out.
+    floating tensors to fp32. A checkpoint of a whole retrieval model gives its CLIP
+    and leaves the rest out: this codebase's (best.pth, last.pth: ``backbone.*``) and
+    IRRA's (``base_model.*``, whose other keys are checked by name, `model.irra`).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP weights file not found: {path}")
+        raise PretrainedWeightsUnavailable(f"CLIP weights file not found: {path}")
     if _is_torchscript_archive(path):
         # OpenAI publishes TorchScript archives; torch.jit.load would run their code.
         state_dict = read_script_state_dict(path)
@@ -358,19 +363,25 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict.")
     from .irra import from_irra_state_dict, is_irra_state_dict  # model.irra imports this module
+    state_dict = strip_module_prefix(state_dict)
     if is_irra_state_dict(state_dict):
-        state_dict = {key.removeprefix("backbone."): value
-                      for key, value in from_irra_state_dict(state_dict, str(path)).items()
-                      if key.startswith("backbone.")}
+        state_dict = from_irra_state_dict(state_dict, str(path))
+    if any(key.startswith(BACKBONE_PREFIX) for key in state_dict):
+        state_dict = backbone_state(state_dict)
     cleaned = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
         if key in _NON_PARAMETER_KEYS:
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor.")
         cleaned[key] = value.float() if value.is_floating_point() else value
     return cleaned
+
+
+def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP weights in a retrieval model's state dict (``module.`` prefixes allowed)."""
+    return {key.removeprefix(BACKBONE_PREFIX): value
+            for key, value in strip_module_prefix(state).items() if key.startswith(BACKBONE_PREFIX)}
 
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -565,7 +576,7 @@ def build_clip(
     else:
         path = Path(pretrain).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise PretrainedWeightsUnavailable(
                 f"pretrain={str(pretrain)!r} is neither a file nor a known model "
                 f"({', '.join(PRETRAINED_URLS)}, or 'none' for random initialisation)."
             )

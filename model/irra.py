@@ -21,6 +21,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from utils.checkpoint import strip_module_prefix
+
 from .clip_model import CheckpointMismatchError
 from .moe import ExpertPool
 
@@ -86,13 +88,9 @@ def _our_names(name: str) -> list[str]:
     return out
 
 
-def _strip_module(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
 def is_irra_state_dict(state: Mapping[str, Tensor]) -> bool:
     """True for a state dict written by IRRA's code (its CLIP lives under ``base_model.``)."""
-    return any(key.startswith("base_model.") for key in _strip_module(state))
+    return any(key.startswith("base_model.") for key in strip_module_prefix(state))
 
 
 def from_irra_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
@@ -106,7 +104,7 @@ def from_irra_state_dict(state: Mapping[str, Tensor], source: str = "checkpoint"
     """
     out: dict[str, Tensor] = {}
     unknown, unsplittable = [], []
-    for key, value in _strip_module(state).items():
+    for key, value in strip_module_prefix(state).items():
         names = _our_names(key)
         if not names:
             unknown.append(key)

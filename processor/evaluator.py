@@ -31,6 +31,7 @@ from utils.logger import Progress
 from utils.metrics import retrieval_metrics
 from utils.errors import UserError
 from utils.misc import autocast
+from utils.signals import stop_signals_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def encode_loader(model: nn.Module, loader, kind: str, device: torch.device, pre
     feats, pids = [], []
     encode = model.image_features if kind == "image" else model.text_features
     key = "images" if kind == "image" else "caption_ids"
-    for batch in loader:
+    with stop_signals_blocked():  # workers start here (see utils.signals)
+        batches = iter(loader)
+    for batch in batches:
         inputs = batch[key].to(device, non_blocking=True)
         with autocast(device, precision):
             emb, stats = encode(inputs)

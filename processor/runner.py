@@ -1,11 +1,21 @@
 """Build everything a run needs from a resolved config, then train or test.
 
 `train.py` and `test.py` are thin wrappers around `run_training` and `run_test`.
+
+The run folder. train.py trains in `run_folder(cfg)`: {output_dir}/{dataset.name}/{name}.
+test.py, visualize.py and retrieve.py read and write the folder `run_folder_of`
+gives: a saved configs.yaml's own folder, or for an experiment file the folder it
+trains into. Scoring a checkpoint from elsewhere with an experiment file (IRRA's
+best.pth with configs/CUHK-PEDES/irra.yaml) can so leave evaluation outputs in a
+folder whose run has not been trained; they do not keep train.py from starting
+that run there (`EVALUATION_OUTPUTS`).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -15,14 +25,15 @@ from datasets import (DatasetError, ImageAugment, TextAugment, build_dataset, bu
 from datasets.cache import ImageCache, default_cache_dir
 from model import build_model
 from model.irra import from_irra_checkpoint, is_irra_state_dict
-from solver import build_scheduler, optimizer_from_config
-from solver.lr_scheduler import lr_multiplier
+from solver import (WarmupCosineSchedule, optimizer_from_config, schedule_from_config,
+                    schedule_multiplier)
 from utils import comm
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.config import ConfigError, dump_config, save_config, to_plain
 from utils.errors import StopRequested, UserError
 from utils.logger import log_to_file, setup_logger
 from utils.misc import count_parameters, resolve_device, set_seed
+from utils.signals import stop_signals_raise
 
 from .evaluator import QUICK_AUDIT_SAMPLES, evaluate, metrics_table
 from .resume import Difference, compare_for_resume, record_resume
@@ -36,8 +47,20 @@ class RunFolderError(UserError, RuntimeError):
     pass
 
 
+# What evaluation writes into a run folder (test.py, visualize.py and retrieve.py).
+EVALUATION_OUTPUTS = ("test.log", "test_metrics*.json", "vis", "gallery_cache")
+
+
 def run_folder(cfg) -> Path:
+    """The folder train.py trains `cfg` in."""
     return Path(cfg.output_dir) / cfg.dataset.name / cfg.name
+
+
+def run_folder_of(config_file: str | Path, cfg) -> Path:
+    """The run folder of evaluation with `config_file` (resolved into `cfg`): a saved
+    configs.yaml's own folder, wherever the run folder was moved, else `run_folder(cfg)`."""
+    config_file = Path(config_file).resolve()
+    return config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
 
 
 def load_dataset(cfg, generate: bool = False):
@@ -148,20 +171,33 @@ def _check_run_folder(cfg, run_dir: Path) -> dict | None:
                 f"resume=true but {last} does not exist; nothing to resume. "
                 f"Start a new run without resume=true.")
         return None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        hint = ("To continue it" if last.is_file() else
-                "It holds no checkpoint (a start that never saved one; its train.log says "
-                "why). To start it again in this folder")
-        raise RunFolderError(
-            f"run folder {run_dir} already exists. {hint}: python train.py "
-            f"--config_file {run_dir / CONFIG_NAME} resume=true ; to start another run, "
-            f"choose a new name (name=...) or remove the folder.")
+    taken = sorted(p.name for p in run_dir.iterdir()
+                   if not any(fnmatch.fnmatch(p.name, out) for out in EVALUATION_OUTPUTS)
+                   ) if run_dir.is_dir() else []
+    if taken:
+        raise RunFolderError(f"run folder {run_dir} already exists{_taken_hint(run_dir, taken)}; "
+                             f"to start another run, choose a new name (name=...) or remove "
+                             f"the folder.")
     return None
 
 
-def _open_run_folder(cfg, run_dir: Path, ckpt: dict | None,
+def _taken_hint(run_dir: Path, names: list[str]) -> str:
+    """What the files `names` of a taken run folder allow, naming only those that exist."""
+    if CONFIG_NAME not in names:
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f" and holds {listed}: no {CONFIG_NAME}, so no run of this codebase to resume"
+    command = f"python train.py --config_file {run_dir / CONFIG_NAME} resume=true"
+    if "last.pth" in names:
+        return f". To continue it: {command}"
+    why = "; its train.log says why" if "train.log" in names else ""
+    return (f". It holds no checkpoint (a start that never saved one{why}). To start it again "
+            f"in this folder: {command}")
+
+
+def _open_run_folder(cfg, run_dir: Path, position: dict | None,
                      differences: list[Difference]) -> None:
-    """Create (or, on resume, update) the run folder; rank 0 writes, the others wait.
+    """Create (or, on resume from `position`, update) the run folder; rank 0 writes, the
+    others wait. Then the log file, which starts with the records of the start-up.
 
     configs.yaml always describes the run as it continues: written at every start and
     resume (a resume's changes are also listed in resumes.yaml)."""
@@ -169,9 +205,8 @@ def _open_run_folder(cfg, run_dir: Path, ckpt: dict | None,
     if comm.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config({**to_plain(cfg), "resume": False}, run_dir / CONFIG_NAME)
-        if ckpt is not None:
-            record_resume(run_dir, {k: ckpt[k] for k in ("epoch", "batch_in_epoch",
-                                                         "global_step")}, differences)
+        if position is not None:
+            record_resume(run_dir, position, differences)
     comm.barrier()
     setup_logger(run_dir, rank=comm.get_rank())
 
@@ -188,7 +223,8 @@ def _tensorboard(run_dir: Path):
 
 
 def configure_backends(cfg) -> None:
-    """Process-wide math settings of a training run."""
+    """Process-wide math settings of a run, so that every script that computes with a
+    model (train.py, its final test, test.py, visualize.py, retrieve.py) computes alike."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.solver.tf32
     torch.backends.cudnn.allow_tf32 = cfg.solver.tf32
 
@@ -208,23 +244,34 @@ def run_training(cfg) -> dict:
     """Train, keep best.pth (val R1) and last.pth, then test best.pth.
 
     Everything that can be checked is checked before the run folder is created or
-    changed (config values, dataset, model, and on resume the checkpoint and the
-    config changes), so a failed start leaves nothing behind. From then on, a fatal
-    error also goes to train.log, with the command that resumes the run.
+    changed (config values, dataset, model, optimizer and schedule, and on resume the
+    config changes and the checkpoint, loaded), so a failed start leaves nothing
+    behind. From then on, a fatal error also goes to train.log, with the command that
+    resumes the run.
     """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)
-    setup_logger(None, rank=comm.get_rank())  # the console only, until the run folder exists
+    setup_logger(None, rank=comm.get_rank())  # records kept for train.log until it exists
     run_dir = run_folder(cfg)
     ckpt = _check_run_folder(cfg, run_dir)
     differences = []
     if ckpt is not None:
         differences = compare_for_resume(ckpt["config"], to_plain(cfg), ckpt["epoch"],
                                          str(run_dir / "last.pth"))
+    # train.log starts with these: the records of the start-up are kept for it.
+    logger.info("run folder: %s", run_dir)
+    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
+    logger.info("device: %s, processes: %d", device, comm.get_world_size())
+    if cfg.resume and ckpt is None:
+        logger.warning("resume=true: %s holds no last.pth (the run stopped before its first "
+                       "save); training starts from the beginning", run_dir)
+    for difference in differences:
+        logger.warning("resume: %s", difference)
     set_seed(cfg.seed, cfg.deterministic)
     configure_backends(cfg)
 
     dataset = load_dataset(cfg, generate=True)
+    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
     if ckpt is not None and ckpt.get("num_classes") not in (None, dataset.num_train_pids):
         raise DatasetError(
             f"{cfg.dataset.name} under {cfg.dataset.root_dir} has {dataset.num_train_pids} "
@@ -234,26 +281,26 @@ def run_training(cfg) -> dict:
     val = eval_loaders(cfg, dataset.val, device) if dataset.val is not None else None
     model = build_model(cfg, num_classes=dataset.num_train_pids,
                         checkpoint_state=None if ckpt is None else ckpt["model"]).to(device)
-    _open_run_folder(cfg, run_dir, ckpt, differences)
+    trainer = _build_trainer(cfg, model, loader, val, device, run_dir, dataset.num_train_pids)
+    position = None
+    if ckpt is not None:
+        trainer.resume(ckpt, str(run_dir / "last.pth"))
+        _log_schedule_change(ckpt["config"]["solver"], cfg.solver, trainer.global_step,
+                             len(loader), trainer.optimizer)
+        position = {k: ckpt[k] for k in ("epoch", "batch_in_epoch", "global_step")}
+        ckpt.clear()  # frees the checkpoint's tensors (several times the model's size)
+    _open_run_folder(cfg, run_dir, position, differences)
     try:
-        return _train_in_folder(cfg, run_dir, device, dataset, loader, val, model, ckpt,
-                                differences)
+        return _train_in_folder(cfg, run_dir, device, dataset, model, trainer)
     except BaseException as err:
         _log_failure(err, run_dir)
         raise
 
 
-def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, val, model,
-                     ckpt: dict | None, differences: list[Difference]) -> dict:
-    logger.info("run folder: %s", run_dir)
-    logger.info("config (%s):\n%s", run_dir / CONFIG_NAME, dump_config(cfg).rstrip())
-    logger.info("device: %s, processes: %d", device, comm.get_world_size())
-    logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
-    if cfg.resume and ckpt is None:
-        logger.warning("resume=true: %s holds no last.pth (the run stopped before its first "
-                       "save); training starts from the beginning", run_dir)
-    for difference in differences:
-        logger.warning("resume: %s", difference)
+def _build_trainer(cfg, model, loader, val, device: torch.device, run_dir: Path,
+                   num_classes: int) -> Trainer:
+    """The trainer of `model`, with its optimizer, schedule and grad scaler (and DDP
+    under torchrun); its TensorBoard writer comes with the run folder."""
     if cfg.solver.accumulation_steps > 1:
         logger.warning("solver.accumulation_steps=%d: SDM, ITC, CMPM and CoAR are computed within "
                        "each micro-batch of %d, not over the whole batch of %d",
@@ -275,29 +322,33 @@ def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, loader, 
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    s = cfg.solver
     compile_training_model(ddp_model, cfg)
     optimizer = optimizer_from_config(model, cfg.solver)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=len(loader), num_epoch=s.num_epoch,
-                                warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
-                                min_lr_factor=s.min_lr_factor, per_epoch=s.lr_update == "epoch")
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-    tb = _tensorboard(run_dir)
-    trainer = Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
-                      num_classes=dataset.num_train_pids, tb_writer=tb)
-    if ckpt is not None:
-        trainer.resume(ckpt, str(run_dir / "last.pth"))
-        _log_schedule_change(ckpt["config"]["solver"], cfg.solver, trainer.global_step,
-                             len(loader), optimizer)
-        ckpt.clear()  # frees the checkpoint's tensors (several times the model's size)
+    scheduler = WarmupCosineSchedule(optimizer, **schedule_from_config(cfg.solver, len(loader)))
+    scaler = torch.amp.GradScaler(device.type) if cfg.solver.precision == "fp16" else None
+    return Trainer(cfg, ddp_model, loader, val, optimizer, scheduler, scaler, device, run_dir,
+                   num_classes=num_classes)
+
+
+def _train_in_folder(cfg, run_dir: Path, device: torch.device, dataset, model,
+                     trainer: Trainer) -> dict:
+    tb = trainer.tb = _tensorboard(run_dir)
     trainer.train()
-    if val is None:
+    if trainer.val_loaders is None:
         trainer.save("best.pth", trainer.model_state())
     comm.barrier()
     logger.info("training done; best val R1 %.2f at epoch %d", trainer.best_metric,
                 trainer.best_epoch)
-    result = evaluate_checkpoint(cfg, run_dir / "best.pth", dataset, device, run_dir,
-                                 model=model, tb_writer=tb)
+    best = run_dir / "best.pth"
+
+    def stopped(signum: int) -> str:
+        return (f"stopped by {signal.Signals(signum).name} during the final test: training is "
+                f"complete and {best} is saved. Score it with: python test.py --config_file "
+                f"{run_dir / CONFIG_NAME}")
+    with stop_signals_raise(stopped):
+        model, epoch = load_for_evaluation(cfg, best, device, model=model)
+        result = evaluate_checkpoint(cfg, best, model, epoch, dataset, device, run_dir,
+                                     tb_writer=tb)
     if tb is not None:
         tb.close()
     comm.cleanup()
@@ -309,9 +360,9 @@ def _log_schedule_change(saved, solver, step: int, steps_per_epoch: int, optimiz
     if saved["num_epoch"] == solver.num_epoch:
         return
     group = optimizer.param_groups[0]
-    old = group["base_lr"] * lr_multiplier(step, saved["num_epoch"] * steps_per_epoch,
-                                           solver.warmup_epochs * steps_per_epoch,
-                                           solver.warmup_factor, solver.min_lr_factor)
+    # The other schedule settings cannot change on resume (processor.resume).
+    old = group["base_lr"] * schedule_multiplier(
+        step, **schedule_from_config(solver, steps_per_epoch, num_epoch=saved["num_epoch"]))
     logger.warning("solver.num_epoch %d -> %d: the warm-up + cosine schedule now ends at step "
                    "%d; at step %d the lr (first parameter group) is %.3g, %.3g on the old "
                    "schedule", saved["num_epoch"], solver.num_epoch,
@@ -327,7 +378,8 @@ def _log_failure(err: BaseException, run_dir: Path) -> None:
     else:
         log_to_file(logging.ERROR, f"training failed: {type(err).__name__}: {err}",
                     exc_info=(type(err), err, err.__traceback__))
-    if "last.pth" not in str(err) and (run_dir / "last.pth").is_file():  # not said yet
+    if (not isinstance(err, StopRequested)  # a stop says what to do next itself
+            and "last.pth" not in str(err) and (run_dir / "last.pth").is_file()):
         logger.error("the last saved state is in %s; after fixing the cause, resume with: "
                      "python train.py --config_file %s resume=true", run_dir / "last.pth",
                      run_dir / CONFIG_NAME)
@@ -348,10 +400,11 @@ def metrics_file(run_dir: Path, checkpoint: Path) -> Path:
     return run_dir / f"test_metrics_{name}.json"
 
 
-def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, out_dir: Path,
-                        model=None, tb_writer=None) -> dict:
-    """Evaluate `checkpoint` (this codebase's, or a best.pth of IRRA's code) on the test
-    split; print a table and write the metrics to `metrics_file(out_dir, checkpoint)`."""
+def load_for_evaluation(cfg, checkpoint: Path, device: torch.device,
+                        model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, int | None]:
+    """The weights of `checkpoint` (this codebase's, or a best.pth of IRRA's code) in
+    `model`, or in a model built from `cfg` and the checkpoint's shapes (model.pretrain
+    is not read), on `device`; and the checkpoint's epoch (None when it has none)."""
     ckpt = load_checkpoint(checkpoint)
     if is_irra_state_dict(ckpt["model"]):
         ckpt = from_irra_checkpoint(ckpt, str(checkpoint))
@@ -359,40 +412,45 @@ def evaluate_checkpoint(cfg, checkpoint: Path, dataset, device: torch.device, ou
         model = build_model(cfg, num_classes=ckpt.get("num_classes"),
                             checkpoint_state=ckpt["model"]).to(device)
     load_model_state(model, ckpt, to_plain(cfg), source=str(checkpoint))
+    return model, ckpt.get("epoch")
+
+
+def evaluate_checkpoint(cfg, checkpoint: Path, model: torch.nn.Module, epoch: int | None,
+                        dataset, device: torch.device, out_dir: Path, tb_writer=None) -> dict:
+    """Evaluate `model`, holding the weights of `checkpoint` (of `epoch`), on the test
+    split; print a table and write the metrics to `metrics_file(out_dir, checkpoint)`."""
     image_loader, text_loader = eval_loaders(cfg, dataset.test, device)
     result = evaluate(model, image_loader, text_loader, device, cfg.solver.precision,
                       i2t=cfg.eval.i2t, desc="test",
-                      audit_samples=cfg.eval.audit_samples if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
+                      audit_samples=max(cfg.eval.audit_samples, QUICK_AUDIT_SAMPLES)
+                      if cfg.eval.audit else QUICK_AUDIT_SAMPLES,
                       audit_tolerance=cfg.eval.audit_tolerance or None)
-    result.update(checkpoint=str(checkpoint), split="test", epoch=ckpt.get("epoch"))
+    result.update(checkpoint=str(checkpoint), split="test", epoch=epoch)
     if comm.is_main_process():
         path = metrics_file(out_dir, checkpoint)
         logger.info("test results of %s (in %s):\n%s", checkpoint, path, metrics_table(result))
         write_json(path, result)
-        epoch = int(ckpt.get("epoch") or 0)  # the checkpoint's point on the val/ curves
+        step = int(epoch or 0)  # the checkpoint's point on the val/ curves
         if tb_writer is not None:
             for task, prefix in (("t2i", "test/"), ("i2t", "test/i2t_")):
                 for key, value in result.get(task, {}).items():
-                    tb_writer.add_scalar(f"{prefix}{key}", value, epoch)
-        log_expert_usage(tb_writer, result.get("experts"), epoch, prefix="test")
+                    tb_writer.add_scalar(f"{prefix}{key}", value, step)
+        log_expert_usage(tb_writer, result.get("experts"), step, prefix="test")
     return result
 
 
 def run_test(cfg, config_file: str | Path) -> dict:
-    """Rebuild the run from its saved config and evaluate a checkpoint on the test split.
+    """Rebuild the run from its config and evaluate a checkpoint on the test split: the
+    run folder's best.pth, or checkpoint.path.
 
-    The run folder is the saved config's folder; an experiment file (any other name,
-    e.g. configs/CUHK-PEDES/irra.yaml with checkpoint=PATH) names its run folder
-    through output_dir, dataset.name and name.
+    The run folder is `run_folder_of(config_file, cfg)`. test.log and the metrics go
+    there once the checkpoint, the dataset and the model have loaded, so a test that
+    cannot start adds nothing.
     """
     device = resolve_device(cfg.device)
     comm.init_distributed(device)  # under torchrun the ranks share the encoding
-    config_file = Path(config_file).resolve()
-    run_dir = config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
-    if comm.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    comm.barrier()
-    setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
+    setup_logger(None, rank=comm.get_rank())  # records kept for test.log until it exists
+    run_dir = run_folder_of(config_file, cfg)
     checkpoint = Path(cfg.checkpoint.path) if cfg.checkpoint.path else run_dir / "best.pth"
     if not checkpoint.is_file():
         existing = sorted(p.name for p in run_dir.glob("*.pth"))
@@ -400,10 +458,17 @@ def run_test(cfg, config_file: str | Path) -> dict:
             f"{checkpoint} not found. "
             + (f"Checkpoints in {run_dir}: {', '.join(existing)}; pass one with "
                f"checkpoint=PATH." if existing else
-               f"{run_dir} holds no checkpoint: has training finished a validation yet?"))
+               f"{run_dir} holds no checkpoint: has training finished a validation yet? "
+               f"(checkpoint=PATH scores another one)"))
     set_seed(cfg.seed)
+    configure_backends(cfg)
     dataset = load_dataset(cfg)
     logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
-    result = evaluate_checkpoint(cfg, checkpoint, dataset, device, run_dir)
+    model, epoch = load_for_evaluation(cfg, checkpoint, device)
+    if comm.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    comm.barrier()
+    setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
+    result = evaluate_checkpoint(cfg, checkpoint, model, epoch, dataset, device, run_dir)
     comm.cleanup()
     return result

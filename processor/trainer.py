@@ -220,10 +220,10 @@ class Trainer:
         return previous
 
     # -- one step -----------------------------------------------------------
-    def _forward_backward(self, batch: dict, sync: bool
+    def _forward_backward(self, batch: dict, sync: bool, weight: float
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Loss terms (and their sum, `loss`) and training accuracies of one
-        (micro-)batch, the loss backpropagated with weight 1/accumulation_steps.
+        (micro-)batch, the loss backpropagated with `weight` (its share of the step's batch).
 
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
         Nothing here waits for the device; `_step` handles finiteness.
@@ -239,7 +239,7 @@ class Trainer:
             with autocast(self.device, self.cfg.solver.precision):
                 losses, metrics = self.model(batch, return_metrics=True)
             total = sum(losses.values())
-            scaled = total / self.accumulation_steps
+            scaled = total * weight
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}, metrics
 
@@ -247,24 +247,33 @@ class Trainer:
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
 
-        Returns the micro-batch-averaged loss terms, a device flag, True when they
-        and the gradients are finite, and the micro-batch-averaged training
-        accuracies. A non-finite step makes no update. With a fused
+        Each micro-batch's loss counts by its share of the batch, so that for per-sample
+        losses the step is the whole batch's, also when the batch does not split evenly
+        (the last, smaller batch of an epoch under dataset.drop_last=false; one smaller
+        than accumulation_steps gives one micro-batch per sample).
+
+        Returns the micro-batch-averaged loss terms (weighted by size), a device flag,
+        True when they and the gradients are finite, and the micro-batch-averaged
+        training accuracies. A non-finite step makes no update. With a fused
         optimizer the skip happens on the device (the optimizer reads a `found_inf`
         flag, as under AMP loss scaling), so the step never waits for the device; the
         host learns of skipped steps at the next log line (`_check_nonfinite`).
         Otherwise the flag is read here, which costs nothing on the CPU.
         """
-        count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        chunks = {k: v.chunk(count) for k, v in batch.items()}
-        for i in range(count):
-            micro = {k: parts[i] for k, parts in chunks.items()}
-            losses, micro_metrics = self._forward_backward(micro, sync=i == count - 1)
+        size = len(batch["pids"])
+        parts = {k: v.tensor_split(self.accumulation_steps) for k, v in batch.items()}
+        micro_batches = [micro for micro in ({k: p[i] for k, p in parts.items()}
+                                             for i in range(self.accumulation_steps))
+                         if len(micro["pids"])]
+        for i, micro in enumerate(micro_batches):
+            weight = len(micro["pids"]) / size
+            losses, micro_metrics = self._forward_backward(micro, sync=i == len(micro_batches) - 1,
+                                                           weight=weight)
             for sums, values in ((totals, losses), (metrics, micro_metrics)):
                 for key, value in values.items():
-                    sums[key] = sums[key] + value / count if key in sums else value / count
+                    sums[key] = sums[key] + value * weight if key in sums else value * weight
         finite = torch.isfinite(totals["loss"])
         if comm.get_world_size() > 1:  # every rank skips the same steps (queued, no wait)
             finite = finite.to(torch.int32)
@@ -449,6 +458,7 @@ class Trainer:
                 self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's; the step moves the schedule
             losses, finite, metrics = self._step(batch)
             epoch_samples += len(batch["pids"])
             interval_samples += len(batch["pids"])
@@ -469,7 +479,7 @@ class Trainer:
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, list(metrics), steps, **speed)
+                    self._log_step(values, list(metrics), steps, lr, **speed)
                 running, running_steps = {}, 0
                 interval_start, interval_samples, data_wait = now, 0, 0.0
             progress.update(1)
@@ -522,12 +532,12 @@ class Trainer:
         return str(datetime.timedelta(seconds=round(seconds)))
 
     def _log_step(self, values: dict[str, float], metric_names: list[str], steps: int,
-                  samples_per_s: float, data_wait: float) -> None:
-        """A log line: loss terms, training accuracies (if any), then since the last
-        line the throughput (all ranks, data loading included) and the share of the
-        time rank 0 waited for the data loader (high: the loader is the bottleneck),
-        on CUDA this process's peak allocated memory, and the run's ETA."""
-        lr = self.optimizer.param_groups[0]["lr"]
+                  lr: float, samples_per_s: float, data_wait: float) -> None:
+        """A log line: the lr the last step used, loss terms, training accuracies (if
+        any), then since the last line the throughput (all ranks, data loading
+        included) and the share of the time rank 0 waited for the data loader (high:
+        the loader is the bottleneck), on CUDA this process's peak allocated memory,
+        and the run's ETA."""
         speed = f"{samples_per_s:.1f} samples/s, data wait {data_wait:.0%}"
         memory = None
         if self.device.type == "cuda":

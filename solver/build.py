@@ -30,9 +30,12 @@ from .lr_scheduler import WarmupCosineSchedule
 
 logger = logging.getLogger(__name__)
 
-# Parameters that never get weight decay besides biases and norm weights.
+# Parameters that never get weight decay besides biases and norm weights (by name, so that
+# whatever their shape): CLIP's embeddings and temperature, and the router's learned prompt
+# and mixing weight (a = sigmoid(alpha)), which set the routing rule rather than map
+# features. The router's gates are linear maps and are decayed.
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "token_embedding", "logit_scale",
-                  "prompt", "mix_logit")
+                  "router.prompt", "router.alpha")
 
 
 PARAM_RULES = ("project", "irra")
@@ -156,15 +159,34 @@ def optimizer_from_config(model: nn.Module, solver_cfg) -> torch.optim.Optimizer
                            rules=s.param_rules, module_lr_factors=s.module_lr_factors)
 
 
+def schedule_curve(*, steps_per_epoch: int, num_epoch: int, warmup_epochs: float,
+                   warmup_factor: float, min_lr_factor: float, per_epoch: bool = False) -> dict:
+    """The arguments of `WarmupCosineSchedule` (and `schedule_multiplier`) for warm-up +
+    cosine over the run's steps; with `per_epoch` the curve is IRRA's, over epochs, and
+    every step of epoch e uses the multiplier of epoch e."""
+    if per_epoch:
+        return dict(total_steps=num_epoch, warmup_steps=warmup_epochs,
+                    warmup_factor=warmup_factor, min_factor=min_lr_factor,
+                    steps_per_unit=steps_per_epoch)
+    return dict(total_steps=steps_per_epoch * num_epoch,
+                warmup_steps=int(round(steps_per_epoch * warmup_epochs)),
+                warmup_factor=warmup_factor, min_factor=min_lr_factor)
+
+
+def schedule_from_config(solver_cfg, steps_per_epoch: int, num_epoch: int | None = None) -> dict:
+    """`schedule_curve` with the settings of a config's `solver` section (`num_epoch`:
+    another run length than solver.num_epoch)."""
+    s = solver_cfg
+    return schedule_curve(steps_per_epoch=steps_per_epoch,
+                          num_epoch=s.num_epoch if num_epoch is None else num_epoch,
+                          warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor,
+                          min_lr_factor=s.min_lr_factor, per_epoch=s.lr_update == "epoch")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, num_epoch: int,
                     warmup_epochs: float, warmup_factor: float, min_lr_factor: float,
                     per_epoch: bool = False) -> WarmupCosineSchedule:
-    """Warm-up + cosine over the run's steps; with `per_epoch` the curve is IRRA's,
-    over epochs, and every step of epoch e uses the multiplier of epoch e."""
-    if per_epoch:
-        return WarmupCosineSchedule(optimizer, total_steps=num_epoch, warmup_steps=warmup_epochs,
-                                    warmup_factor=warmup_factor, min_factor=min_lr_factor,
-                                    steps_per_unit=steps_per_epoch)
-    return WarmupCosineSchedule(optimizer, total_steps=steps_per_epoch * num_epoch,
-                                warmup_steps=int(round(steps_per_epoch * warmup_epochs)),
-                                warmup_factor=warmup_factor, min_factor=min_lr_factor)
+    """A `WarmupCosineSchedule` of `optimizer` over the `schedule_curve` of these arguments."""
+    return WarmupCosineSchedule(optimizer, **schedule_curve(
+        steps_per_epoch=steps_per_epoch, num_epoch=num_epoch, warmup_epochs=warmup_epochs,
+        warmup_factor=warmup_factor, min_lr_factor=min_lr_factor, per_epoch=per_epoch))

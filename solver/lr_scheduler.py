@@ -21,6 +21,15 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmup_factor:
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_multiplier(step: int, total_steps: int, warmup_steps: float,
+                        warmup_factor: float = 0.1, min_factor: float = 0.0,
+                        steps_per_unit: int = 1) -> float:
+    """The multiplier `WarmupCosineSchedule` (same arguments) applies at optimizer step
+    `step`: `lr_multiplier` of the step's unit (the step itself, or its epoch)."""
+    return lr_multiplier(step // steps_per_unit, total_steps, warmup_steps, warmup_factor,
+                         min_factor)
+
+
 class WarmupCosineSchedule:
     """Sets every param group's lr to `group["base_lr"] * lr_multiplier(unit)`, where
     unit = step // steps_per_unit: the step itself, or with `steps_per_unit` =
@@ -47,8 +56,8 @@ class WarmupCosineSchedule:
         self._apply()
 
     def multiplier(self) -> float:
-        return lr_multiplier(self.step_count // self.steps_per_unit, self.total_steps,
-                             self.warmup_steps, self.warmup_factor, self.min_factor)
+        return schedule_multiplier(self.step_count, self.total_steps, self.warmup_steps,
+                                   self.warmup_factor, self.min_factor, self.steps_per_unit)
 
     def _apply(self) -> None:
         factor = self.multiplier()

@@ -259,8 +259,10 @@ def test_non_state_dict_file_is_rejected(tmp_path):
 
 def test_unknown_pretrain_names_the_path(tmp_path):
     missing = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
         build_clip(str(missing))
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
+        load_state_dict_file(missing)
 
 
 def test_offline_missing_weights_name_url_and_path(tmp_path, monkeypatch):
@@ -519,3 +521,21 @@ def test_parity_with_open_clip_vit_b16(open_clip_reference, source):
     assert open_clip_reference["text_tokens"].abs().max() > 0.5
     errors = parity_errors(model, open_clip_reference)
     assert max(errors.values()) < PARITY_TOL, errors
+
+
+@pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "ddp"])
+def test_a_checkpoint_of_this_codebase_is_a_pretrain_file(tmp_path, prefix):
+    """model.pretrain=RUN/best.pth (or last.pth) starts from that run's CLIP."""
+    from conftest import ROOT, TINY_MODEL
+    from model import build_model
+    from utils.config import load_config
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY_MODEL)
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    path = tmp_path / "best.pth"
+    torch.save({"model": {prefix + k: v for k, v in trained.state_dict().items()},
+                "config": {}, "epoch": 3}, path)
+    started = build_model(load_config(ROOT / "configs" / "demo.yaml",
+                                      TINY_MODEL + [f"model.pretrain={path}"]))
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(started.backbone.state_dict()[key], value), key

@@ -220,7 +220,9 @@ def test_comoe_settings_that_would_not_train_what_they_name_are_refused():
         load_config(None, ["model.embed=global"])
     # Without a head (or without experts) the MoE settings do not matter.
     load_config(None, ["model.head=none", "model.embed=global", "moe.topk=1", "loss.names=sdm"])
-    load_config(None, ["moe.num_experts=0", "moe.topk=1"])
+    load_config(None, ["moe.num_experts=0", "moe.topk=1", "loss.names=sdm+itc"])
+    with pytest.raises(ConfigError, match=r"loss\.names=sdm\+itc\+coar has coar.*moe\.num_experts=0"):
+        load_config(None, ["moe.num_experts=0"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         load_config(None, ["moe.num_experts=8", "moe.topk=2"])

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,19 +120,23 @@ def test_runs_without_validation_and_resumes_leave_no_stale_temporaries(synth_ro
 
 
 def test_refuses_to_overwrite_run_folder(synth_root, tmp_path):
+    """The refusal suggests resume=true only when the folder has the configs.yaml it names."""
     run = tmp_path / "CUHK-PEDES" / "taken"
     run.mkdir(parents=True)
     (run / "train.log").write_text("an earlier run\n")
-    with pytest.raises(RunFolderError, match="resume=true"):
+    with pytest.raises(RunFolderError, match="already exists and holds train.log: no configs.yaml") as err:
         train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "taken")])
+    assert "resume=true" not in str(err.value)
     assert (run / "train.log").read_text() == "an earlier run\n"
 
 
 @pytest.mark.parametrize("bad", [
     ["dataset.root_dir=MISSING", "dataset.generate=false"], ["moe.topk=8"], ["loss.names=sdm+foo"],
     ["dataset.sampler=identity", "solver.batch_size=30"], ["dataset.name=FOO"],
-    ["dataset.name=FOO", "dataset.generate=true"]],
-    ids=["no-dataset", "topk", "loss", "sampler", "name", "name-generate"])
+    ["dataset.name=FOO", "dataset.generate=true"], ["solver.module_lr_factors={head.blocks.*.moee: 2.0}"],
+    ["moe.num_experts=0"]],
+    ids=["no-dataset", "topk", "loss", "sampler", "name", "name-generate", "lr-pattern",
+         "coar-without-experts"])
 def test_failed_start_leaves_nothing_and_can_be_rerun(synth_root, tmp_path, bad):
     """Config values, dataset and model are checked before the run folder exists: a
     failed start leaves no folder, so the same command fails the same way again (not
@@ -147,6 +152,21 @@ def test_failed_start_leaves_nothing_and_can_be_rerun(synth_root, tmp_path, bad)
         messages.append(str(err.value))
         assert not out.exists()
     assert messages[0] == messages[1] and not isinstance(err.value, RunFolderError)
+
+
+def test_unavailable_fused_optimizer_leaves_nothing(synth_root, tmp_path, monkeypatch):
+    adamw = torch.optim.AdamW
+
+    def without_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("fused=True requires all the params to be on a supported device")
+        return adamw(params, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="solver.optimizer_kernel=fused is not available"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, out),
+                           "solver.optimizer_kernel=fused"])
+    assert not out.exists()
 
 
 def test_folder_of_a_start_that_never_saved(synth_root, tmp_path):
@@ -322,3 +342,91 @@ def test_torch_version_floor_compares_numbers():
     for version in ("2.5.1", "1.13.1+cpu", "2.1", "unknown"):
         with pytest.raises(UnsupportedTorchError, match=f"torch {re.escape(version)} is installed"):
             require_torch(version)
+
+
+def _outside_checkpoint(cfg, path) -> None:
+    """A model of `cfg` saved as a checkpoint from outside any run folder."""
+    from model import build_model
+    from processor.runner import load_dataset
+    from utils.config import to_plain
+    num_classes = load_dataset(cfg).num_train_pids
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg, num_classes).state_dict(), "num_classes": num_classes,
+                "config": to_plain(cfg), "epoch": 3}, path)
+
+
+def test_scoring_with_an_experiment_file_then_training_it(synth_root, tmp_path):
+    """The README's "Reproducing IRRA" sequence: score a checkpoint from elsewhere with an
+    experiment file (test.py, visualize.py and retrieve.py write into the folder that file
+    trains into, never next to the file), then train that experiment there."""
+    from utils.config import load_config
+    experiment = tmp_path / "configs" / "irra.yaml"
+    experiment.parent.mkdir()
+    experiment.write_text(f"_BASE_: {ROOT / 'configs' / 'CUHK-PEDES' / 'irra.yaml'}\n")
+    out = tmp_path / "logs"
+    overrides = tiny_overrides(synth_root, out, "irra") + ["model.cmt_depth=1", "solver.num_epoch=1"]
+    outside = tmp_path / "released" / "best.pth"
+    outside.parent.mkdir()
+    _outside_checkpoint(load_config(experiment, overrides), outside)
+    run = out / "CUHK-PEDES" / "irra"
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):  # nothing trained yet
+        test_script.main(["--config_file", str(experiment), *overrides])
+    assert not out.exists()  # a test that cannot start writes nothing
+
+    scored = test_script.main(["--config_file", str(experiment), f"checkpoint={outside}", *overrides])
+    assert scored["epoch"] == 3
+    shown = visualize.main(["--config_file", str(experiment), "--checkpoint", str(outside),
+                            "--indices", "0", *overrides])
+    found = retrieve.main(["--config_file", str(experiment), "--checkpoint", str(outside),
+                           "--gallery", str(synth_root / "CUHK-PEDES" / "imgs"), "--query",
+                           "a man in a red coat", "--topk", "2", *overrides])
+    assert [p.parent for p in shown["figures"]] == [run / "vis"]
+    assert Path(found["queries"][0]["figure"]).parent == run / "vis"
+    assert sorted(p.name for p in experiment.parent.iterdir()) == ["irra.yaml"]
+    evaluated = sorted(p.name for p in run.iterdir())
+    assert evaluated[:2] == ["gallery_cache", "test.log"] and len(evaluated) == 4
+    assert re.fullmatch(r"test_metrics_best_[0-9a-f]{8}\.json", evaluated[2])
+
+    train_script.main(["--config_file", str(experiment), *overrides])  # the folder is free
+    assert {"configs.yaml", "train.log", "tb", "best.pth", "last.pth", "test_metrics.json",
+            *evaluated} == {p.name for p in run.iterdir()}
+    with pytest.raises(RunFolderError, match=rf"To continue it: python train.py --config_file "
+                                             rf"{re.escape(str(run / 'configs.yaml'))} resume=true"):
+        train_script.main(["--config_file", str(experiment), *overrides])
+    ours = test_script.main(["--config_file", str(experiment), *overrides])
+    assert ours["checkpoint"] == str(run / "best.pth") and ours["epoch"] == 1
+
+
+def test_run_folder_hints_name_only_files_that_exist(synth_root, tmp_path):
+    from utils.config import load_config, save_config
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    run.mkdir(parents=True)
+    save_config(load_config(CONFIG, tiny_overrides(synth_root, tmp_path)), run / "configs.yaml")
+    argv = ["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path)]
+    with pytest.raises(RunFolderError, match=r"holds no checkpoint \(a start that never saved "
+                                             r"one\)\. To start it again") as err:
+        train_script.main(argv)
+    assert "train.log" not in str(err.value)
+    (run / "train.log").write_text("killed while loading the dataset\n")
+    with pytest.raises(RunFolderError, match=r"never saved one; its train.log says why"):
+        train_script.main(argv)
+
+
+def test_test_visualize_and_retrieve_apply_solver_tf32(synth_root, tmp_path, monkeypatch):
+    """Every script that computes with a model sets the math backends as training does."""
+    from utils.config import load_config
+    overrides = tiny_overrides(synth_root, tmp_path) + ["solver.tf32=true"]
+    outside = tmp_path / "model.pth"
+    _outside_checkpoint(load_config(CONFIG, overrides), outside)
+    scripts = [
+        (test_script.main, ["--config_file", CONFIG, f"checkpoint={outside}", *overrides]),
+        (visualize.main, ["--config_file", CONFIG, "--checkpoint", str(outside), "--indices", "0",
+                          *overrides]),
+        (retrieve.main, ["--config_file", CONFIG, "--checkpoint", str(outside), "--gallery",
+                         str(synth_root / "CUHK-PEDES" / "imgs"), "--query", "a red coat",
+                         *overrides])]
+    for main, argv in scripts:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        main(argv)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32, main

@@ -152,3 +152,20 @@ def test_wrongly_typed_routing_statistics(finished_run, tmp_path, monkeypatch, c
     code, err = _cli(visualize.main, ["--config_file", str(run / "configs.yaml"), "--routing"],
                      monkeypatch, capsys)
     assert code == 1 and problem in _one_line(err) and "test_metrics.json" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.arch.vision_layer=2", "unknown key 'model.arch.vision_layer'; did you mean "
+                                  "model.arch.vision_layers?"),
+    ("model.arch.vision_layers=two", "key 'model.arch.vision_layers' must be an integer >= 1; "
+                                     "got 'two'"),
+    ("model.pretrain=/missing/clip.pt", "pretrain='/missing/clip.pt' is neither a file nor a "
+                                        "known model"),
+])
+def test_model_settings_that_build_no_model_give_one_line(synth_root, tmp_path, monkeypatch,
+                                                          capsys, override, message):
+    code, err = _cli(train_script.main, ["--config_file", CONFIG,
+                                         *tiny_overrides(synth_root, tmp_path / "out"), override],
+                     monkeypatch, capsys)
+    assert code == 1 and message in _one_line(err) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -150,3 +150,45 @@ def test_test_py_never_generates_data_and_runs_from_another_folder(tmp_path, mon
                                            r".*--num_ids 12 --seed 1"):
         test_script.main(["--config_file", str(config)])
     assert not (tmp_path / "a" / "gen").exists() and not (tmp_path / "b" / "gen").exists()
+
+
+def test_start_up_records_reach_train_log(tmp_path, capsys):
+    """What happens before the run folder exists (config warnings, data generation,
+    CLIP loading) is kept and written to train.log once it does."""
+    import torch
+    from model.clip_model import build_clip
+    from conftest import TINY_MODEL
+    clip = tmp_path / "clip.pt"
+    torch.save(build_clip("none", image_size=(32, 16), stride=16, embed_dim=32, patch_size=16,
+                          vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                          text_layers=1, text_heads=2, context_length=24).state_dict(), clip)
+    overrides = tiny_overrides(tmp_path / "data", tmp_path) + [
+        "dataset.generate=true", "dataset.generate_num_ids=12", "solver.num_epoch=1",
+        f"model.pretrain={clip}", "moe.num_experts=2"]
+    assert "model.pretrain=none" in TINY_MODEL
+    train_script.main(["--config_file", CONFIG, *overrides])
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert re.search(rf"^{TIMESTAMP} WARNING: ConfigWarning: moe\.topk = moe\.num_experts = 2",
+                     log, re.M), log[:2000]
+    assert "cli.py" not in log and "config.py" not in log
+    assert re.search(rf"^{TIMESTAMP} INFO: generating a synthetic CUHK-PEDES dataset", log, re.M)
+    assert re.search(rf"^{TIMESTAMP} INFO: Loaded CLIP weights from {re.escape(str(clip))}", log,
+                     re.M)
+    assert log.index("ConfigWarning") < log.index("run folder:") < log.index("generating")
+    assert log.count("ConfigWarning") == 1 and log.count("run folder:") == 1
+    assert "ConfigWarning" in capsys.readouterr().out  # the console has them as they happen
+
+
+
+def test_step_lines_show_the_lr_the_step_used(synth_root, tmp_path):
+    """With 9 steps of warm-up from 0.1 x 1e-3, step k (1-based) uses lr 1e-3 x (0.1 + 0.1 (k-1))."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _train_one_epoch(synth_root, tmp_path, "solver.warmup_epochs=1")
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    lines = re.findall(r" step (\d+) lr (\S+) ", (run / "train.log").read_text())
+    assert len(lines) == 9
+    for step, lr in lines:
+        assert float(lr) == pytest.approx(1e-3 * (0.1 + 0.1 * (int(step) - 1)), rel=1e-2), step
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/lr")][0] == pytest.approx(1e-4)

@@ -251,6 +251,32 @@ def test_gradient_accumulation_matches_the_full_batch_for_per_sample_losses(synt
                                    msg=lambda m: f"{key}: {m}")
 
 
+def test_accumulation_over_the_last_partial_batch_matches_the_full_batch(synth_root, tmp_path):
+    """dataset.drop_last=false: 76 samples give 9 batches of 8 and one of 4, which 8
+    micro-batches split into 4 of one sample; each counts by its size, so the step is
+    still the whole batch's (a per-sample loss, ID)."""
+    common = ["model.head=none", "model.embed=global", "loss.names=id", "solver.num_epoch=1",
+              "input.flip=false", "input.padding=0", "input.erasing=0", "eval.period=5",
+              "dataset.drop_last=false"]
+    runs = {}
+    for steps in (1, 8):
+        name = f"acc{steps}"
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, name),
+                           *common, f"solver.accumulation_steps={steps}"])
+        runs[steps] = load_checkpoint(tmp_path / "CUHK-PEDES" / name / "last.pth")
+    assert runs[1]["global_step"] == runs[8]["global_step"] == 10
+    for key, value in runs[1]["model"].items():
+        torch.testing.assert_close(runs[8]["model"][key], value, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_drop_last_false_is_refused_with_the_identity_sampler():
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"dataset\.drop_last=false .* identity sampler has none"):
+        load_config(CONFIG, ["dataset.drop_last=false", "dataset.sampler=identity"])
+    load_config(CONFIG, ["dataset.drop_last=false"])
+
+
 def test_accumulation_must_divide_the_batch(synth_root, tmp_path):
     from utils.config import ConfigError
     with pytest.raises(ConfigError, match="accumulation_steps=3"):
@@ -482,6 +508,52 @@ def test_resume_refuses_fewer_epochs_than_already_trained():
     assert (more.key, more.saved, more.requested) == ("solver.num_epoch", 5, 8)
 
 
+def test_every_key_of_the_defaults_has_a_resume_rule():
+    """Each key is applied, ignored or refused by a rule written for it, with its reason."""
+    from processor.resume import APPLY, IGNORE, REFUSE, RULES, default_values
+    assert set(RULES) == set(default_values())
+    assert all(action in (APPLY, IGNORE, REFUSE) and why for action, why in RULES.values())
+
+
+def _resume_with(saved: dict, *overrides: str):
+    from processor.resume import compare_for_resume
+    from utils.config import load_config, to_plain
+    return compare_for_resume(saved, to_plain(load_config(None, list(overrides))), 1, "x")
+
+
+def test_resume_applies_every_eval_setting_and_names_why_it_refuses_optimizer_groups():
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    changes = ["eval.audit=true", "eval.audit_samples=64", "eval.audit_tolerance=0.01",
+               "eval.i2t=true", "eval.batch_size=8", "eval.period=3"]
+    assert sorted(d.key for d in _resume_with(saved, *changes)) == sorted(
+        c.split("=")[0] for c in changes)
+    for change, why in (("solver.param_rules=irra", "which lr and weight decay each parameter"),
+                        ("solver.module_lr_factors={head: 2.0}", "which lr and weight decay"),
+                        ("solver.lr_update=epoch", "lr schedule of the steps already taken"),
+                        ("solver.fp16_weights=true", "weights' dtype")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            _resume_with(saved, change)
+
+
+def test_a_key_added_since_the_run_started_takes_only_its_default():
+    """An older run's config lacks newer keys: it trained as their defaults behave, so
+    only the default is accepted, except for keys that are applied anyway."""
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    for section, key in (("moe", "combine"), ("solver", "fp16_weights"), ("eval", "audit")):
+        del saved[section][key]
+    listed = _resume_with(saved)  # their defaults: accepted, and listed
+    assert [(d.key, d.saved, d.requested) for d in listed] == [
+        ("eval.audit", None, False), ("moe.combine", None, "renorm"),
+        ("solver.fp16_weights", None, False)]
+    for change in ("moe.combine=prob", "solver.fp16_weights=true"):
+        with pytest.raises(ConfigError, match=r"not a setting when the run started, which "
+                                              r"trained as .* does; it changes"):
+            _resume_with(saved, change)
+    assert "eval.audit" in [d.key for d in _resume_with(saved, "eval.audit=true")]
+
+
 def test_non_finite_weights_are_never_saved(synth_root, tmp_path, monkeypatch):
     """A step that makes the weights inf (e.g. an infinite lr) must not turn last.pth
     into a 'last good state' of garbage: the save is refused, last.pth keeps step 2."""
@@ -500,3 +572,20 @@ def test_non_finite_weights_are_never_saved(synth_root, tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("lr_update,old", [("step", 0.5), ("epoch", 0.75)])
+def test_a_new_run_length_logs_the_old_schedules_lr_in_its_own_units(caplog, lr_update, old):
+    """At step 25 of 10-step epochs (epoch 2), 4 epochs with 1 of warm-up: stepped per
+    step the cosine is half-way (0.5); stepped per epoch it is a third of the way (0.75)."""
+    from processor.runner import _log_schedule_change
+    from solver import WarmupCosineSchedule, schedule_from_config
+    from utils.config import load_config
+    solver = load_config(None, ["solver.num_epoch=8", "solver.warmup_epochs=1",
+                                f"solver.lr_update={lr_update}", "solver.lr=1.0"]).solver
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    WarmupCosineSchedule(optimizer, **schedule_from_config(solver, 10))
+    with caplog.at_level("WARNING"):
+        _log_schedule_change({**solver, "num_epoch": 4}, solver, 25, 10, optimizer)
+    assert re.search(rf"solver\.num_epoch 4 -> 8: .* at step 25 the lr .* is \S+, {old:g} on the "
+                     rf"old schedule", caplog.text), caplog.text

@@ -102,7 +102,7 @@ def colour_run(tmp_path, monkeypatch):
     checkpoint = run_dir / "best.pth"
     checkpoint.write_bytes(b"weights")  # only its path, mtime and size matter (cache key)
     model = ColourModel()
-    monkeypatch.setattr(vis, "load_run", lambda config_file, overrides=(), checkpoint_path=None:
+    monkeypatch.setattr(vis, "load_run", lambda cfg, run_dir, checkpoint_path=None:
                         vis.LoadedRun(cfg, model, torch.device("cpu"), run_dir,
                                       Path(checkpoint_path) if checkpoint_path else checkpoint))
     return run_dir, model
@@ -181,6 +181,19 @@ def test_cache_is_reused_and_follows_file_changes(colour_run, gallery, tmp_path)
     changed_set = _retrieve(run_dir, folder, *query)["gallery"]
     assert (changed_set["embedded"], changed_set["removed"], changed_set["images"]) == (1, 1, total)
     assert len(list(caches[0].glob("emb-*.npy"))) == 1  # the superseded embedding file is gone
+
+
+def test_another_precision_gets_its_own_cache(colour_run, gallery):
+    """Embeddings computed under bf16 autocast are not those of fp32: never mixed up."""
+    run_dir, model = colour_run
+    folder, _ = gallery
+    total = len(PIDS) * IMAGES_PER_ID
+    _retrieve(run_dir, folder, "--query", caption_of(27))
+    bf16 = _retrieve(run_dir, folder, "--query", caption_of(27), "solver.precision=bf16")
+    assert (bf16["gallery"]["embedded"], bf16["gallery"]["reused"]) == (total, 0)
+    assert len(cache_folders(run_dir / "gallery_cache")) == 2
+    again = _retrieve(run_dir, folder, "--query", caption_of(27))["gallery"]
+    assert (again["embedded"], again["reused"]) == (0, total)
 
 
 def test_cache_can_live_elsewhere_and_a_damaged_cache_is_rebuilt(colour_run, gallery, tmp_path,

@@ -196,6 +196,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without the ``module.`` prefix DDP (or DataParallel) adds to its keys."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 

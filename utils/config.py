@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 from easydict import EasyDict
 
-from .errors import UserError
+from .errors import UserError, UserInputWarning
 
 DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
 BASE_KEY = "_BASE_"
@@ -40,7 +40,7 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not match configs/defaults.yaml."""
 
 
-class ConfigWarning(UserWarning):
+class ConfigWarning(UserInputWarning):
     """A valid config that probably does not do what was meant."""
 
 
@@ -66,7 +66,8 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float (YAML's numbers), not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -86,16 +87,16 @@ def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = _is_number(value)
+        ok = is_number(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
         ok = isinstance(value, list)
-        if ok and default and all(_is_number(d) for d in default):
+        if ok and default and all(is_number(d) for d in default):
             integers = all(isinstance(d, int) for d in default)
             ok = len(value) == len(default) and all(
-                isinstance(v, int) and not isinstance(v, bool) if integers else _is_number(v)
+                isinstance(v, int) and not isinstance(v, bool) if integers else is_number(v)
                 for v in value)
             value = value if integers or not ok else [float(v) for v in value]
     else:
@@ -244,6 +245,11 @@ def _check_comoe(cfg: Mapping) -> str | None:
                 "parameters). Use model.embed=sum or mean, or model.head=none")
     num_experts, topk = moe["num_experts"], moe["topk"]
     if num_experts == 0:
+        if "coar" in (name.strip() for name in cfg["loss"]["names"].split("+")):
+            return (f"loss.names={cfg['loss']['names']} has coar, which regularises the routers "
+                    f"of the MoE layers, but moe.num_experts=0 builds a head without experts "
+                    f"(and without routers). Drop coar from loss.names, or set "
+                    f"moe.num_experts >= 1")
         return None
     if topk == 1 and moe["combine"] == "renorm":
         return ("moe.combine=renorm with moe.topk=1 gives every token the combine weight "
@@ -267,6 +273,19 @@ def _check_topk(cfg: Mapping) -> str | None:
             f"(experts per token out of the pool); got {moe['topk']}")
 
 
+def _check_arch(cfg: Mapping) -> str | None:
+    from model.clip_model import ARCH_KEYS  # the CLIP's own list, imported when a config loads
+    for key, value in cfg["model"]["arch"].items():
+        if key not in ARCH_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(ARCH_KEYS), n=1, cutoff=0.6)
+            guess = f"; did you mean model.arch.{close[0]}?" if close else ""
+            return (f"unknown key 'model.arch.{key}'{guess} (architecture keys: "
+                    f"{', '.join(sorted(ARCH_KEYS))})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"key 'model.arch.{key}' must be an integer >= 1; got {value!r}"
+    return None
+
+
 def _check_text_length(cfg: Mapping) -> str | None:
     context = cfg["model"]["arch"].get("context_length", 77)
     if cfg["dataset"]["text_length"] <= context:
@@ -287,7 +306,7 @@ def _check_probability_sums(cfg: Mapping) -> str | None:
 
 def _check_module_lr_factors(cfg: Mapping) -> str | None:
     for pattern, factor in cfg["solver"]["module_lr_factors"].items():
-        if not isinstance(pattern, str) or not _is_number(factor) or factor < 0:
+        if not isinstance(pattern, str) or not is_number(factor) or factor < 0:
             return (f"key 'solver.module_lr_factors' maps module-name patterns to lr factors "
                     f">= 0, e.g. {{'head.blocks.*.moe': 2.0}}; got {pattern!r}: {factor!r}")
     return None
@@ -311,6 +330,16 @@ def _check_fp16_weights(cfg: Mapping) -> str | None:
     return None
 
 
+def _check_drop_last(cfg: Mapping) -> str | None:
+    dataset = cfg["dataset"]
+    if dataset["drop_last"] or dataset["sampler"] != "identity":
+        return None
+    return ("dataset.drop_last=false keeps the random sampler's last incomplete batch; the "
+            "identity sampler has none (it completes its last batch of P identities with "
+            "identities from the start of the epoch). Use dataset.drop_last=true with "
+            "dataset.sampler=identity")
+
+
 def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
     loss_names = [name.strip() for name in cfg["loss"]["names"].split("+")]
     if cfg["loss"]["mlm_masks_captions"] and "mlm" not in loss_names:
@@ -322,9 +351,9 @@ def _check_mlm_masks_captions(cfg: Mapping) -> str | None:
 # Rules that involve more than one key or more than a range; each returns an error
 # message (naming the keys) or None.
 VALUE_RULES: list[Callable[[Mapping], str | None]] = [
-    _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_text_length,
+    _check_device, _check_cuda_graphs_accumulation, _check_topk, _check_arch, _check_text_length,
     _check_probability_sums, _check_module_lr_factors, _check_fp16_weights,
-    _check_mlm_masks_captions, _check_comoe,
+    _check_mlm_masks_captions, _check_comoe, _check_drop_last,
 ]
 
 

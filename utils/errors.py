@@ -6,6 +6,10 @@ bug: its message names the file, key or value and says what to do, so the
 scripts print it as one `error: ...` line and exit 1. Each concern keeps its own
 subclass next to its code (ConfigError, DatasetError, CheckpointError, ...).
 
+`UserInputWarning` is the base of warnings about what the user gave that is valid
+but probably not what was meant: like a UserError's, its message names the key or
+value, so it is logged without the line of code that raised it.
+
 `StopRequested` is not an error: SIGTERM or SIGINT asked a training run to stop,
 and it saved a resumable state first. The scripts exit with 128 + the signal
 number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process killed by
@@ -16,6 +20,10 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input whose message already says what to fix; no traceback is needed."""
+
+
+class UserInputWarning(UserWarning):
+    """A valid input that probably does not do what was meant; the message says why."""
 
 
 class StopRequested(Exception):

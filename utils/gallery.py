@@ -345,7 +345,8 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
         encoder: anything with `encode_image(B,3,H,W) -> (B, D)` (eval mode).
         transform: PIL image -> (3, H, W) tensor, e.g. build_eval_transform.
         checkpoint: the weights file of `encoder`; with `settings` (e.g. the image
-            size) it keys the cache, and its changing makes the cache stale.
+            size) and `precision` it keys the cache, and its changing makes the cache
+            stale.
         cache_dir: the folder that holds the caches (e.g. RUN/gallery_cache).
         embed_dim: the encoder's embedding width, checked against a cached one.
 
@@ -366,7 +367,7 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
         logger.warning("%s holds %d embedding cache folder(s) of an earlier version, no longer "
                        "used; remove them with: rm -r %s", root, len(legacy),
                        os.path.join(root, LEGACY_CACHE_PREFIX + "*"))
-    key = gallery_cache_key(checkpoint, *settings)
+    key = gallery_cache_key(checkpoint, *settings, precision)
     cache = gallery_cache_folder(cache_dir, root) / key
     _prepare_cache_dir(cache)
     _write_source(cache, checkpoint_source(checkpoint))

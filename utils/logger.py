@@ -5,6 +5,12 @@ Modules log through `logging.getLogger(__name__)` (the entry points through the
 timestamps to the console and to the run's log file. Console lines go through
 `tqdm.write`, which lifts a live progress bar out of the way and redraws it
 after the line; progress bars are drawn only when stderr is a terminal.
+
+A run's log file only exists once its start-up has succeeded (a failed start
+leaves no run folder), but the start-up logs too: config warnings, data
+generation, weight downloads, the image cache. Until a file is set up, rank 0
+keeps those records (`StartupRecords`) and writes them to the first log file it
+is given; a start that fails drops them with its process.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import warnings
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .errors import UserInputWarning
 
 LOGGER_NAME = "comoe"
 # Loggers of this codebase (module loggers are children of their package's) that
@@ -27,8 +35,13 @@ _SHOW_WARNING = warnings.showwarning
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """`warnings.showwarning` replacement: Python warnings become log records."""
-    text = warnings.formatwarning(message, category, filename, lineno, line)
+    """`warnings.showwarning` replacement: Python warnings become log records. A warning
+    about the user's input names the key or value itself; the line of code that raised
+    it would only mislead."""
+    if issubclass(category, UserInputWarning):
+        text = f"{category.__name__}: {message}"
+    else:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
     logging.getLogger("py.warnings").warning("%s", text.rstrip())
 
 
@@ -42,11 +55,27 @@ class TqdmConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class StartupRecords(logging.Handler):
+    """Keeps the records logged before the run's log file exists (see the module
+    docstring); `setup_logger` hands them on to the next set-up."""
+
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def setup_logger(output_dir: str | Path | None, rank: int = 0,
                  filename: str = "train.log") -> logging.Logger:
     """Route this codebase's loggers and Python warnings to the console and to
     `output_dir/filename` (rank 0; other ranks stay silent). Calling it again
-    replaces the previous set-up. Returns the `comoe` logger."""
+    replaces the previous set-up. Without `output_dir`, rank 0 keeps the records
+    for the next set-up, and the first one with a file writes them there first.
+    Returns the `comoe` logger."""
+    pending = [record for handler in _installed if isinstance(handler, StartupRecords)
+               for record in handler.records]
     close_logger()
     root = logging.getLogger()
     for name in PACKAGE_LOGGERS:
@@ -54,17 +83,21 @@ def setup_logger(output_dir: str | Path | None, rank: int = 0,
         logger.setLevel(logging.INFO)
         logger.propagate = True
     warnings.showwarning = _log_warning
+    log_file = None
     if rank != 0:
         handlers: list[logging.Handler] = [logging.NullHandler()]
+    elif output_dir is None:
+        handlers = [TqdmConsoleHandler(sys.stdout), StartupRecords(pending)]
     else:
-        handlers = [TqdmConsoleHandler(sys.stdout)]
-        if output_dir is not None:
-            handlers.append(logging.FileHandler(Path(output_dir) / filename, mode="a",
-                                                encoding="utf-8"))
+        log_file = logging.FileHandler(Path(output_dir) / filename, mode="a", encoding="utf-8")
+        handlers = [TqdmConsoleHandler(sys.stdout), log_file]
     for handler in handlers:
         handler.setFormatter(FORMAT)
         root.addHandler(handler)
         _installed.append(handler)
+    if log_file is not None:
+        for record in pending:
+            log_file.handle(record)
     return logging.getLogger(LOGGER_NAME)
 
 

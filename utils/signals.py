@@ -13,11 +13,17 @@ process creates workers inside `stop_signals_blocked()`: they inherit the
 blocked signals and cannot be killed in between. The main process loses
 nothing: a blocked signal is taken by another thread, or waits until the block
 ends, and its Python handler runs in the main thread either way.
+
+Work that has nothing left to save (a run's final test, after training) stops at
+once instead: inside `stop_signals_raise`, a stop signal raises StopRequested.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+from typing import Callable
+
+from .errors import StopRequested
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # not on Windows
@@ -42,3 +48,26 @@ def stop_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def stop_signals_raise(message: Callable[[int], str]):
+    """SIGTERM/SIGINT raise StopRequested(message(signum), signum) in the main thread
+    while inside (elsewhere than the main thread, nothing changes). Later stop signals
+    are ignored while the first one's exception unwinds."""
+    def stop(signum, frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopRequested(message(signum), signum)
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,7 +6,7 @@
 - `plot_routing`: expert usage per CoMoE layer (images and text side by side)
   and the normalised usage entropy per layer, from a run's test_metrics.json.
 - `plot_routing_comparison`: the same statistics for several runs in one figure.
-- `load_run`: rebuild a run's model from its configs.yaml and a checkpoint.
+- `load_run`: rebuild a run's model from its config and a checkpoint.
 - `rank_split_queries`: rank captions (from the test split or free text)
   against the test gallery.
 
@@ -27,6 +27,8 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+
+from utils.config import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +177,6 @@ def read_expert_stats(run_dir: str | os.PathLike) -> dict:
     return experts
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _expert_stats_problem(experts) -> str | None:
     """What is wrong with an "experts" entry, or None: {"image"|"text": {"usage": one list
     of per-expert shares per layer, "entropy": one number per layer}}."""
@@ -190,11 +188,11 @@ def _expert_stats_problem(experts) -> str | None:
             return f"'{where}' must hold 'usage' and 'entropy', got {stats!r:.80}"
         usage, entropy = stats["usage"], stats["entropy"]
         if not (isinstance(usage, list) and usage and all(
-                isinstance(layer, list) and layer and all(map(_is_number, layer))
+                isinstance(layer, list) and layer and all(map(is_number, layer))
                 for layer in usage)):
             return f"'{where}.usage' must be a list of per-layer lists of numbers, got {usage!r:.80}"
         if not (isinstance(entropy, list) and len(entropy) == len(usage)
-                and all(map(_is_number, entropy))):
+                and all(map(is_number, entropy))):
             return (f"'{where}.entropy' must be a list of {len(usage)} numbers (one per layer), "
                     f"got {entropy!r:.80}")
     return None
@@ -331,32 +329,22 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> P
            else "; train the run first or pass --checkpoint PATH"))
 
 
-def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
-             checkpoint: str | os.PathLike | None = None) -> LoadedRun:
-    """Rebuild the model of a run folder from its saved configs.yaml and load its weights.
+def load_run(cfg, run_dir: Path, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
+    """The model of the run in `run_dir` (`processor.runner.run_folder_of`), built from
+    its resolved config `cfg`, with the weights of a checkpoint (as test.py loads one).
 
     The checkpoint is `checkpoint`, else the config's `checkpoint.path`, else
     best.pth of the run folder, else last.pth. `num_classes` and every weight come
     from the checkpoint (model.pretrain is not read), the device from the config's
     `device`.
     """
-    from model import build_model
-    from model.irra import from_irra_checkpoint, is_irra_state_dict
-    from utils.checkpoint import load_checkpoint, load_model_state
-    from utils.config import load_config, to_plain
+    from processor.runner import configure_backends, load_for_evaluation
     from utils.misc import resolve_device
-    config_file = Path(config_file)
-    cfg = load_config(config_file, overrides)
-    run_dir = config_file.resolve().parent
     path = resolve_checkpoint(run_dir, checkpoint or cfg.checkpoint.path or None)
-    ckpt = load_checkpoint(path)
-    if is_irra_state_dict(ckpt["model"]):
-        ckpt = from_irra_checkpoint(ckpt, str(path))
     device = resolve_device(cfg.device)
-    model = build_model(cfg, num_classes=ckpt.get("num_classes"), checkpoint_state=ckpt["model"])
-    load_model_state(model, ckpt, to_plain(cfg), source=str(path))
-    del ckpt
-    return LoadedRun(cfg, model.to(device).eval(), device, run_dir, path)
+    configure_backends(cfg)
+    model, _ = load_for_evaluation(cfg, path, device)
+    return LoadedRun(cfg, model.eval(), device, run_dir, path)
 
 
 # -- ranking test-split queries ------------------------------------------------
