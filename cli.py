@@ -1,25 +1,29 @@
-"""Shared entry-point behaviour: expected failures become one clear message."""
+"""Shared entry-point behaviour: user errors become one clear line, stops an exit code.
+
+Exit codes: 0 done; 1 a `UserError` (bad config, data, checkpoint or device; the
+message says what to fix); 128 + N when signal N stopped a training run after it
+saved its state (143 for SIGTERM, 130 for SIGINT or Ctrl-C); anything else is a
+bug and keeps its traceback.
+"""
 from __future__ import annotations
 
+import signal
 import sys
 
-# Errors whose message already says what to fix; no traceback is needed.
-EXPECTED_ERRORS = ("ConfigError", "DatasetError", "BadImageError", "CheckpointError",
-                   "CheckpointMismatchError", "RunFolderError", "NonFiniteLossError",
-                   "PretrainedWeightsUnavailable")
+from utils.errors import StopRequested, UserError
 
 
 def run_cli(main) -> int:
-    """Run `main(argv)`; exit 0 on success or a requested stop, 1 on an expected error."""
+    """Run `main(argv)` and return the process exit code (see the module docstring)."""
     try:
         main(sys.argv[1:])
-    except Exception as err:  # noqa: BLE001 - reported and turned into an exit code
-        name = type(err).__name__
-        if name == "StopRequested":  # SIGTERM/SIGINT: state saved, resumable
-            sys.stderr.write(f"{err}\n")
-            return 0
-        if name not in EXPECTED_ERRORS:
-            raise
+    except StopRequested as stop:  # state saved, resumable
+        sys.stderr.write(f"{stop}\n")
+        return stop.exit_code
+    except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+        sys.stderr.write("interrupted\n")
+        return 128 + signal.SIGINT
     return 0

@@ -5,16 +5,18 @@
         [--checkpoint PATH] [--out DIR] [--cache_dir DIR] [key=value ...]
 
 Every image under DIR (nested folders, jpg/jpeg/png/bmp/webp, any size) is
-embedded once; the embeddings are cached in DIR/.comoe_gallery_cache_<key>/
-(key: the checkpoint file and the image size) and only new or changed files
-are embedded on later calls. Prints rank, score and path of the top-K images
-and writes a figure per query, retrieval_<slug>.png, to --out (default: the
-run's vis/ folder; not DIR, whose images would otherwise grow by the figures),
-showing at most the first 20.
+embedded once; the embeddings are cached under the run folder,
+RUN/gallery_cache/<gallery>-<hash>/<key>/ (or under --cache_dir; key: the
+checkpoint file, the image settings and the precision), and only new or changed files are embedded
+on later calls. Caches of checkpoint files that have since changed are removed.
+Prints rank, score and path of the top-K images and writes a figure per query,
+retrieval_<slug>.png, to --out (default: the run's vis/ folder; not DIR, whose
+images would otherwise grow by the figures), showing all K in rows of up to 20.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -24,11 +26,13 @@ OWN_VALUE_OPTIONS = ("--config_file", "--gallery", "--query", "--topk", "--check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.visualization import split_overrides
+    from utils.arguments import split_overrides
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Rank a folder of images by a text query.")
-    parser.add_argument("--config_file", required=True, help="the run's saved configs.yaml")
+    parser.add_argument("--config_file", required=True,
+                        help="the run's saved configs.yaml (or the experiment file it was "
+                             "trained from)")
     parser.add_argument("--gallery", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--query", action="append", required=True,
                         help="a description of the person (repeat for several queries)")
@@ -37,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="checkpoint file (default: the run's best.pth, else last.pth)")
     parser.add_argument("--out", default=None, help="folder for the figures (default: RUN/vis)")
     parser.add_argument("--cache_dir", default=None,
-                        help="where the embedding cache goes (default: the gallery folder)")
+                        help="where the embedding caches go (default: RUN/gallery_cache)")
     args = parser.parse_args(own)
     if args.topk < 1:
         parser.error(f"--topk {args.topk}: must be at least 1")
@@ -48,26 +52,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """{"queries": [{"query", "matches": [(path, score)], "figure"}], "gallery": stats}."""
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
     from datasets.transforms import build_eval_transform
-    from utils.gallery import gallery_cache_key, index_gallery, search_gallery
+    from processor.runner import run_folder_of
+    from utils.config import load_config
+    from utils.gallery import encode_queries, index_gallery, search_gallery
     from utils.tokenizer import tokenize
-    from utils.visualization import MAX_FIGURE_COLUMNS, load_run, render_ranking, slugify
+    from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
+                                     render_ranking, slugify)
 
-    run = load_run(args.config_file, args.opts, args.checkpoint)
-    cfg = run.cfg
+    cfg = load_config(args.config_file, args.opts)
+    run = load_run(cfg, run_folder_of(args.config_file, cfg), args.checkpoint)
+    check_queries(args.query, cfg.dataset.text_length)
     image_size = tuple(cfg.input.size)
+    embeddings = encode_queries(run.model, args.query,
+                                partial(tokenize, context_length=cfg.dataset.text_length),
+                                run.device, cfg.solver.precision)  # Q, D
     index = index_gallery(
-        run.model, args.gallery, build_eval_transform(image_size),
-        key=gallery_cache_key(run.checkpoint, image_size, cfg.model.embed),
-        cache_dir=args.cache_dir, batch_size=cfg.eval.batch_size,
-        num_workers=cfg.dataset.num_workers, device=run.device, precision=cfg.solver.precision)
+        run.model, args.gallery,
+        build_eval_transform(image_size, interpolation=cfg.input.interpolation),
+        checkpoint=run.checkpoint,
+        settings=(image_size, cfg.model.embed, cfg.input.interpolation),
+        cache_dir=args.cache_dir or run.run_dir / "gallery_cache", embed_dim=embeddings.shape[1],
+        batch_size=cfg.eval.batch_size, num_workers=cfg.dataset.num_workers, device=run.device,
+        precision=cfg.solver.precision)
     stats = index.stats
     print(f"gallery {args.gallery}: {len(index)} images ({stats['embedded']} embedded now, "
           f"{stats['reused']} from the cache, {len(stats['unreadable'])} unreadable)")
-    results = search_gallery(run.model, index, args.query,
-                             partial(tokenize, context_length=cfg.dataset.text_length),
-                             args.topk, run.device, cfg.solver.precision)
+    results = search_gallery(index, embeddings, args.topk)
     out_dir = Path(args.out) if args.out else run.run_dir / "vis"
+    columns = min(args.topk, MAX_FIGURE_COLUMNS)
     queries = []
     for text, matches in zip(args.query, results):
         print(f"\nquery: {text}")
@@ -75,7 +90,7 @@ def main(argv=None) -> dict:
             print(f"{rank:4d}  {m.score:.4f}  {m.path}")
         figure = render_ranking(out_dir / f"retrieval_{slugify(text)}.png", text,
                                 [m.path for m in matches], [m.score for m in matches],
-                                num_columns=min(args.topk, MAX_FIGURE_COLUMNS),
+                                num_columns=columns, num_rows=math.ceil(len(matches) / columns),
                                 status=f"top {len(matches)} of {len(index)} images in "
                                        f"{args.gallery}",
                                 labels=[Path(m.path).name[:22] for m in matches])
@@ -86,8 +101,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import logging
-
     from cli import run_cli
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from utils.logger import setup_logger
+    setup_logger(None)
     sys.exit(run_cli(main))

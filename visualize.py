@@ -20,6 +20,7 @@ folders side by side. Figures go to RUN/vis/ (or --out); their paths are printed
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -30,11 +31,13 @@ OWN_VALUE_OPTIONS = ("--config_file", "--checkpoint", "--num_queries", "--query"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.visualization import split_overrides
+    from utils.arguments import split_overrides
     own, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv),
                                      OWN_VALUE_OPTIONS)
     parser = argparse.ArgumentParser(description="Ranking and expert-routing figures of a run.")
-    parser.add_argument("--config_file", default=None, help="the run's saved configs.yaml")
+    parser.add_argument("--config_file", default=None,
+                        help="the run's saved configs.yaml (or the experiment file it was "
+                             "trained from)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: the run's best.pth, else last.pth)")
     parser.add_argument("--num_queries", type=int, default=None,
@@ -69,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _run_dir(path: str) -> Path:
-    """A run folder given as the folder itself or a file in it (configs.yaml, test_metrics.json)."""
+    """A --compare run folder given as the folder itself or a file in it (configs.yaml,
+    test_metrics.json)."""
     path = Path(path).resolve()
     return path.parent if path.is_file() else path
 
@@ -77,14 +81,19 @@ def _run_dir(path: str) -> Path:
 def main(argv=None) -> dict:
     """{"queries": [RankedQuery...], "figures": [paths], "routing": path?, "compare": path?}."""
     args = parse_args(argv)
+    from utils.misc import require_torch
+    require_torch()
+    from processor.runner import run_folder_of
     from utils import visualization as vis
+    from utils.config import load_config
 
-    run_dir = _run_dir(args.config_file) if args.config_file else _run_dir(args.compare[0])
+    cfg = load_config(args.config_file, args.opts) if args.config_file else None
+    run_dir = run_folder_of(args.config_file, cfg) if cfg else _run_dir(args.compare[0])
     out_dir = Path(args.out) if args.out else run_dir / "vis"
     result: dict = {"queries": [], "figures": [], "routing": None, "compare": None}
 
     if args.num_queries or args.indices or args.query:
-        result["queries"] = _rank_queries(args, out_dir, result["figures"])
+        result["queries"] = _rank_queries(args, cfg, run_dir, out_dir, result["figures"])
     if args.routing:
         path = vis.plot_routing(vis.read_expert_stats(run_dir), out_dir / "routing.png",
                                 title=f"expert routing on the test split: {run_dir.name}")
@@ -107,13 +116,14 @@ def main(argv=None) -> dict:
     return result
 
 
-def _rank_queries(args, out_dir: Path, figures: list) -> list:
+def _rank_queries(args, cfg, run_dir: Path, out_dir: Path, figures: list) -> list:
     from processor.runner import load_dataset
     from utils.config import ConfigError
-    from utils.visualization import (MAX_FIGURE_COLUMNS, load_run, rank_split_queries,
-                                     render_query, slugify)
+    from utils.visualization import (MAX_FIGURE_COLUMNS, check_queries, load_run,
+                                     rank_split_queries, render_query, slugify)
 
-    run = load_run(args.config_file, args.opts, args.checkpoint)
+    run = load_run(cfg, run_dir, args.checkpoint)
+    check_queries(args.query, run.cfg.dataset.text_length)
     split = load_dataset(run.cfg).test
     num_captions = len(split.captions)
     bad = [i for i in args.indices if not 0 <= i < num_captions]
@@ -130,13 +140,12 @@ def _rank_queries(args, out_dir: Path, figures: list) -> list:
     columns = min(args.topk, MAX_FIGURE_COLUMNS)
     for q in queries:
         name = f"query_{q.index}.png" if q.index is not None else f"text_{slugify(q.caption)}.png"
-        figures.append(render_query(q, out_dir / name, columns))
+        figures.append(render_query(q, out_dir / name, columns, math.ceil(len(q.paths) / columns)))
     return queries
 
 
 if __name__ == "__main__":
-    import logging
-
     from cli import run_cli
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    from utils.logger import setup_logger
+    setup_logger(None)
     sys.exit(run_cli(main))

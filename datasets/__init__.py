@@ -1,30 +1,35 @@
 """Text-based person retrieval datasets: loaders for the on-disk formats of
 CUHK-PEDES, ICFG-PEDES and RSTPReid, a generator of synthetic data in those
-formats, transforms, DDP-aware batch samplers and DataLoader builders."""
-from datasets.bases import ImageDataset, ImageTextDataset, TextDataset
-from datasets.build import (DATASETS, build_dataset, build_eval_loaders, build_train_loader,
-                            get_dataset_class, seed_worker)
-from datasets.cuhkpedes import CUHKPEDES
-from datasets.icfgpedes import ICFGPEDES
-from datasets.pedes import BadImageError, DatasetError, EvalSplit, PedesDataset, TrainItem
-from datasets.rstpreid import RSTPReid
-from datasets.sampler import IdentityBatchSampler, RandomBatchSampler
-from datasets.transforms import (CLIP_MEAN, CLIP_STD, ImageAugment, TextAugment, augment_caption,
-                                 build_eval_transform, build_train_transform, read_image)
+formats, transforms, DDP-aware batch samplers and DataLoader builders.
 
-__all__ = [
-    "DATASETS", "build_dataset", "build_train_loader", "build_eval_loaders", "get_dataset_class", "seed_worker",
-    "CUHKPEDES", "ICFGPEDES", "RSTPReid", "PedesDataset", "TrainItem", "EvalSplit", "DatasetError",
-    "BadImageError", "ImageTextDataset", "ImageDataset", "TextDataset", "RandomBatchSampler",
-    "IdentityBatchSampler", "ImageAugment", "TextAugment", "CLIP_MEAN", "CLIP_STD", "augment_caption",
-    "build_train_transform", "build_eval_transform", "read_image", "generate", "ensure_synthetic",
-]
+The names below are imported from their modules on first use, so that
+`python -m datasets.check` and `python -m datasets.synth` parse their arguments
+(and answer --help) without importing torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "ImageDataset": "bases", "ImageTextDataset": "bases", "TextDataset": "bases",
+    "build_dataset": "build", "build_eval_loaders": "build", "build_train_loader": "build",
+    "seed_worker": "build", "statistics_table": "build",
+    "DATASETS": "registry", "get_dataset_class": "registry",
+    "CUHKPEDES": "cuhkpedes", "ICFGPEDES": "icfgpedes", "RSTPReid": "rstpreid",
+    "BadImageError": "pedes", "DatasetError": "pedes", "EvalSplit": "pedes",
+    "PedesDataset": "pedes", "TrainItem": "pedes",
+    "IdentityBatchSampler": "sampler", "RandomBatchSampler": "sampler",
+    "CLIP_MEAN": "transforms", "CLIP_STD": "transforms", "ImageAugment": "transforms",
+    "TextAugment": "transforms", "augment_caption": "transforms",
+    "build_eval_transform": "transforms", "build_train_transform": "transforms",
+    "read_image": "transforms",
+    "generate": "synth", "ensure_synthetic": "synth",
+}
+
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The generator is imported on first use so that `python -m datasets.synth`
-    # does not find its own module already imported by the package.
-    if name in ("generate", "ensure_synthetic"):
-        from datasets import synth
-        return getattr(synth, name)
-    raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"datasets.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -30,7 +30,9 @@ class ImageTextDataset(Dataset):
 
     With ``skip_bad_images`` an unreadable image is replaced by the next
     readable image of the same identity (with this item's caption), and a
-    warning names it; otherwise BadImageError stops training.
+    warning names it; otherwise BadImageError stops training. With
+    ``load_truncated`` a truncated file is decoded as far as it goes (IRRA)
+    instead of being unreadable.
 
     With an ``image_cache`` (``datasets.cache.ImageCache``) the image is read
     from the cache, already resized, and returned unaugmented as
@@ -40,13 +42,15 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[TrainItem], transform: Callable | None, text_length: int = 77,
-                 text_aug: TextAugment | None = None, skip_bad_images: bool = False, image_cache=None):
+                 text_aug: TextAugment | None = None, skip_bad_images: bool = False, image_cache=None,
+                 load_truncated: bool = False):
         self.items = list(items)
         self.transform = transform
         self.image_cache = image_cache
         self.text_length = text_length
         self.text_aug = text_aug or TextAugment(enabled=False)
         self.skip_bad_images = skip_bad_images
+        self.load_truncated = load_truncated
         self._items_of_pid: dict[int, list[int]] | None = None
         self._skipped: set[str] = set()
         self._caption_ids: dict[int, torch.Tensor] = {}  # tokenised once per process, reused every epoch
@@ -56,7 +60,9 @@ class ImageTextDataset(Dataset):
 
     def _load(self, path: str):
         """A PIL image, or with the cache a (3, H, W) uint8 tensor; BadImageError if unreadable."""
-        return self.image_cache.get(path) if self.image_cache is not None else read_image(path)
+        if self.image_cache is not None:
+            return self.image_cache.get(path)
+        return read_image(path, self.load_truncated)
 
     def _read(self, index: int):
         """(image, replaced): `replaced` is True when a stand-in image was used."""
@@ -128,22 +134,28 @@ class ImageDataset(Dataset):
 
     ``transform`` receives the decoded PIL image, or with an ``image_cache``
     the cached (3, H, W) uint8 tensor (e.g. ``datasets.cache.Uint8Normalize``).
+    ``load_truncated`` decodes truncated files as far as they go (IRRA).
     """
 
-    def __init__(self, image_paths: Sequence[str], pids: Sequence[int], transform: Callable, image_cache=None):
+    def __init__(self, image_paths: Sequence[str], pids: Sequence[int], transform: Callable, image_cache=None,
+                 load_truncated: bool = False):
         if len(image_paths) != len(pids):
             raise ValueError(f"{len(image_paths)} image paths but {len(pids)} pids.")
         self.image_paths = list(image_paths)
         self.pids = list(pids)
         self.transform = transform
         self.image_cache = image_cache
+        self.load_truncated = load_truncated
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path = self.image_paths[index]
-        image = self.image_cache.get(path) if self.image_cache is not None else read_image(path)
+        if self.image_cache is not None:
+            image = self.image_cache.get(path)
+        else:
+            image = read_image(path, self.load_truncated)
         return {"images": self.transform(image),
                 "pids": torch.tensor(self.pids[index], dtype=torch.long)}
 

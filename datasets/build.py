@@ -26,27 +26,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from prettytable import PrettyTable
 from torch.utils.data import DataLoader
 
 from datasets.bases import ImageDataset, ImageTextDataset, TextDataset
 from datasets.cache import AugmentingCollate, BatchAugment, ImageCache, Uint8Normalize
-from datasets.cuhkpedes import CUHKPEDES
-from datasets.icfgpedes import ICFGPEDES
 from datasets.pedes import EvalSplit, PedesDataset, TrainItem
-from datasets.rstpreid import RSTPReid
+from datasets.registry import get_dataset_class
 from datasets.sampler import IdentityBatchSampler, RandomBatchSampler
 from datasets.transforms import ImageAugment, TextAugment, build_eval_transform, build_train_transform
+from utils.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
-DATASETS = {"CUHK-PEDES": CUHKPEDES, "ICFG-PEDES": ICFGPEDES, "RSTPReid": RSTPReid}
 SAMPLERS = ("random", "identity")
-
-
-def get_dataset_class(name: str) -> type[PedesDataset]:
-    if name not in DATASETS:
-        raise KeyError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
-    return DATASETS[name]
 
 
 def build_dataset(name: str, root: str | os.PathLike, val_ids: int | None = None, seed: int = 0,
@@ -55,11 +48,32 @@ def build_dataset(name: str, root: str | os.PathLike, val_ids: int | None = None
     return get_dataset_class(name)(root, val_ids=val_ids, seed=seed, check_images=check_images)
 
 
+def statistics_table(dataset: PedesDataset) -> PrettyTable:
+    """Identities, images and captions per split as used for training and evaluation
+    (val: the dataset's own split or the held-out training identities)."""
+    table = PrettyTable(["split", "ids", "images", "captions"])
+    table.add_row(["train", dataset.num_train_pids, len({item.image_id for item in dataset.train}),
+                   len(dataset.train)])
+    for name, split in (("val", dataset.val), ("test", dataset.test)):
+        if split is None:
+            table.add_row([name, 0, 0, 0])
+        else:
+            table.add_row([name, split.num_ids, len(split.image_paths), len(split.captions)])
+    return table
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed Python's and NumPy's generators in a DataLoader worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: seeded (`seed_worker`), and deaf to SIGTERM/SIGINT,
+    which the training process handles for it (see utils.signals)."""
+    ignore_stop_signals()
+    seed_worker(worker_id)
 
 
 class TrainLoader(DataLoader):
@@ -94,7 +108,8 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
                        num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                        seed: int = 0, rank: int = 0, world_size: int = 1,
                        skip_bad_images: bool = False, cache_dir: str | os.PathLike | None = None,
-                       augment_in_workers: bool = False) -> TrainLoader:
+                       augment_in_workers: bool = False, drop_last: bool = True,
+                       interpolation: str = "bicubic", load_truncated: bool = False) -> TrainLoader:
     """DataLoader of training batches ``{"images": B,3,H,W, "caption_ids": B,L, "pids": B, "image_ids": B}``.
 
     ``batch_size`` is the global batch; this rank gets ``batch_size // world_size``
@@ -102,6 +117,10 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     start_batch=0)``; call it before every epoch. ``persistent_workers`` only
     applies with ``num_workers > 0``, ``pin_memory`` only when CUDA is available.
     Pass every batch through ``loader.prepare_batch(batch, device)``.
+    ``drop_last=False`` keeps the last incomplete batch of the random sampler,
+    smaller (IRRA; one process). ``interpolation`` ("bicubic" or "bilinear") is
+    the resize kernel and ``load_truncated`` decodes truncated image files as far
+    as they go (IRRA).
 
     ``cache_dir``: None decodes and augments every sample in the workers (the
     reference path). A folder: the images are decoded once into an image
@@ -116,8 +135,8 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     if not items:
         raise ValueError("The training set is empty.")
     if sampler == "random":
-        batch_sampler = RandomBatchSampler(len(items), batch_size, seed, rank, world_size, drop_last=True,
-                                           yield_seeds=True)
+        batch_sampler = RandomBatchSampler(len(items), batch_size, seed, rank, world_size, drop_last=drop_last,
+                                           yield_seeds=True, keep_partial=not drop_last)
     elif sampler == "identity":
         batch_sampler = IdentityBatchSampler([item.pid for item in items], batch_size, num_instances, seed,
                                              rank, world_size, yield_seeds=True)
@@ -125,11 +144,12 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
         raise ValueError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     batch_augment, collate_fn = None, None
     if cache_dir is None:
-        data = ImageTextDataset(items, build_train_transform(image_size, augment), text_length, text_aug,
-                                skip_bad_images=skip_bad_images)
+        data = ImageTextDataset(items, build_train_transform(image_size, augment, interpolation), text_length,
+                                text_aug, skip_bad_images=skip_bad_images, load_truncated=load_truncated)
     else:
         cache = ImageCache.open([item.path for item in items], image_size, cache_dir, num_workers=num_workers,
-                                skip_bad_images=skip_bad_images)
+                                skip_bad_images=skip_bad_images, interpolation=interpolation,
+                                load_truncated=load_truncated)
         data = ImageTextDataset(items, None, text_length, text_aug, skip_bad_images=skip_bad_images,
                                 image_cache=cache)
         batch_augment = BatchAugment(image_size, augment)
@@ -138,28 +158,34 @@ def build_train_loader(dataset: PedesDataset | Sequence[TrainItem], *, batch_siz
     return TrainLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                        pin_memory=pin_memory and torch.cuda.is_available(),
                        persistent_workers=persistent_workers and num_workers > 0,
-                       worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed),
+                       worker_init_fn=init_worker, generator=torch.Generator().manual_seed(seed),
                        batch_augment=batch_augment)
 
 
 def build_eval_loaders(split: EvalSplit, *, image_size: tuple[int, int] = (384, 128), batch_size: int = 64,
                        text_length: int = 77, num_workers: int = 0, pin_memory: bool = False,
                        persistent_workers: bool = False,
-                       cache_dir: str | os.PathLike | None = None) -> tuple[DataLoader, DataLoader]:
+                       cache_dir: str | os.PathLike | None = None, interpolation: str = "bicubic",
+                       load_truncated: bool = False) -> tuple[DataLoader, DataLoader]:
     """(image_loader, text_loader) over an evaluation split, in list order, no shuffling.
 
     Image batches: ``{"images": B,3,H,W, "pids": B}``; text batches:
     ``{"caption_ids": B,L, "pids": B}`` (original dataset identities).
     With ``cache_dir`` the images come from an image cache of the split
     (see ``build_train_loader``), normalised only: the same tensors as without.
+    ``interpolation`` and ``load_truncated`` as in ``build_train_loader``.
     """
     common = dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                   pin_memory=pin_memory and torch.cuda.is_available(),
-                  persistent_workers=persistent_workers and num_workers > 0)
+                  persistent_workers=persistent_workers and num_workers > 0,
+                  worker_init_fn=init_worker)
     if cache_dir is None:
-        images = ImageDataset(split.image_paths, split.image_pids, build_eval_transform(image_size))
+        images = ImageDataset(split.image_paths, split.image_pids,
+                              build_eval_transform(image_size, interpolation=interpolation),
+                              load_truncated=load_truncated)
     else:
-        cache = ImageCache.open(split.image_paths, image_size, cache_dir, num_workers=num_workers)
+        cache = ImageCache.open(split.image_paths, image_size, cache_dir, num_workers=num_workers,
+                                interpolation=interpolation, load_truncated=load_truncated)
         images = ImageDataset(split.image_paths, split.image_pids, Uint8Normalize(), image_cache=cache)
     texts = TextDataset(split.captions, split.caption_pids, text_length)
     return DataLoader(images, **common), DataLoader(texts, **common)

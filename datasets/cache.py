@@ -4,7 +4,7 @@ The reference data path (``datasets.transforms``) decodes and resizes every
 image again in every epoch, then augments it sample by sample on a CPU worker.
 With a cache, each distinct image file is decoded and resized to (H, W) once,
 with the same function and kernel as the reference path (torchvision's PIL
-bicubic resize), and stored as uint8 in one memory-mapped ``.npy`` file
+resize, bicubic or bilinear), and stored as uint8 in one memory-mapped ``.npy`` file
 (N, 3, H, W). A training sample is then a slice of that file, and
 ``BatchAugment`` applies IRRA's augmentation (flip, pad + random crop,
 normalisation, random erasing) to a whole uint8 batch at once, on whatever
@@ -15,8 +15,9 @@ Cache files live in a cache folder, two per (set of images, image size):
     images_{H}x{W}_{slot}.json            index: key, data file, row of every path
     images_{H}x{W}_{slot}_{key}.npy       (N, 3, H, W) uint8 pixels
 
-``slot`` hashes the sorted image paths and the size, ``key`` additionally the
-size and modification time of every file and the cache format version. A
+``slot`` hashes the sorted image paths, the size and the decoding settings
+(interpolation, truncated files), ``key`` additionally the size and
+modification time of every file and the cache format version. A
 changed, added or removed image gives a new key (or slot), and the cache is
 rebuilt; the JSON index is replaced last and atomically, so a reader sees the
 old or the new cache, never half of one, and concurrent builders (one per
@@ -48,10 +49,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from datasets.pedes import BadImageError
-from datasets.transforms import CLIP_MEAN, CLIP_STD, ImageAugment, _size, read_image
+from datasets.transforms import (CLIP_MEAN, CLIP_STD, ImageAugment, _size, interpolation_mode,
+                                 read_image)
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +67,28 @@ def default_cache_dir(root: str | os.PathLike) -> Path:
     return Path(root) / ".cache"
 
 
-def decode_resized(path: str, image_size: tuple[int, int]) -> np.ndarray:
+def decode_resized(path: str, image_size: tuple[int, int], interpolation: str = "bicubic",
+                   load_truncated: bool = False) -> np.ndarray:
     """(3, H, W) uint8 pixels of ``path`` resized exactly as the reference transforms resize it."""
-    image = TF.resize(read_image(path), list(image_size), interpolation=InterpolationMode.BICUBIC)
+    image = TF.resize(read_image(path, load_truncated), list(image_size),
+                      interpolation=interpolation_mode(interpolation))
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _slot(paths: Sequence[str], image_size: tuple[int, int]) -> str:
-    digest = hashlib.sha256(f"{image_size[0]}x{image_size[1]}\n".encode())
+def _decoding(interpolation: str, load_truncated: bool) -> str:
+    return f"{interpolation}{' truncated' if load_truncated else ''}"
+
+
+def _slot(paths: Sequence[str], image_size: tuple[int, int], decoding: str) -> str:
+    digest = hashlib.sha256(f"{image_size[0]}x{image_size[1]} {decoding}\n".encode())
     for path in paths:
         digest.update(path.encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()[:16]
 
 
-def _key(paths: Sequence[str], image_size: tuple[int, int]) -> str:
-    """Hash of version, size, and every path with its file size and mtime (missing files count too)."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION} {image_size[0]}x{image_size[1]}\n".encode())
+def _key(paths: Sequence[str], image_size: tuple[int, int], decoding: str) -> str:
+    """Hash of version, size, decoding, and every path with its file size and mtime (missing files count too)."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {image_size[0]}x{image_size[1]} {decoding}\n".encode())
     for path in paths:
         try:
             st = os.stat(path)
@@ -92,7 +99,8 @@ def _key(paths: Sequence[str], image_size: tuple[int, int]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _fill_rows(data_file: str, rows: list[tuple[int, str]], image_size: tuple[int, int]) -> list[tuple[str, str]]:
+def _fill_rows(data_file: str, rows: list[tuple[int, str]], image_size: tuple[int, int], interpolation: str,
+               load_truncated: bool) -> list[tuple[str, str]]:
     """Decode ``rows`` (row, path) into the array in ``data_file``; return (path, error) of unreadable ones.
 
     Errors are returned, not raised, so they cross process boundaries intact and
@@ -102,7 +110,7 @@ def _fill_rows(data_file: str, rows: list[tuple[int, str]], image_size: tuple[in
     bad = []
     for row, path in rows:
         try:
-            array[row] = decode_resized(path, image_size)
+            array[row] = decode_resized(path, image_size, interpolation, load_truncated)
         except BadImageError as err:
             bad.append((path, str(err)))
             array[row] = 0
@@ -134,7 +142,8 @@ class ImageCache:
     # -- building -------------------------------------------------------------------------
     @classmethod
     def open(cls, paths: Iterable[str], image_size: tuple[int, int], cache_dir: str | os.PathLike,
-             num_workers: int = 0, skip_bad_images: bool = False) -> "ImageCache":
+             num_workers: int = 0, skip_bad_images: bool = False, interpolation: str = "bicubic",
+             load_truncated: bool = False) -> "ImageCache":
         """Map the cache of ``paths`` at ``image_size`` in ``cache_dir``, building it if needed.
 
         Args:
@@ -144,6 +153,8 @@ class ImageCache:
             num_workers: decoding processes when building (0: this process).
             skip_bad_images: store an unreadable image as zeros and raise for it
                 in ``get`` instead of stopping the build with BadImageError.
+            interpolation: resize kernel, "bicubic" or "bilinear".
+            load_truncated: decode truncated files as far as they go.
         """
         image_size = _size(image_size)
         paths = sorted(set(map(os.fspath, paths)))
@@ -155,12 +166,14 @@ class ImageCache:
         except OSError as err:
             raise OSError(f"cannot create the image cache folder {cache_dir} ({err}); choose a writable "
                           "folder (dataset.cache_dir) or turn the cache off") from None
-        slot = _slot(paths, image_size)
-        key = _key(paths, image_size)
+        decoding = _decoding(interpolation, load_truncated)
+        slot = _slot(paths, image_size, decoding)
+        key = _key(paths, image_size, decoding)
         index_file = cache_dir / f"images_{image_size[0]}x{image_size[1]}_{slot}.json"
         cache = cls._load_index(index_file, key, paths, image_size)
         if cache is None:
-            cache = cls._build(index_file, key, paths, image_size, num_workers, skip_bad_images)
+            cache = cls._build(index_file, key, paths, image_size, num_workers, skip_bad_images,
+                               interpolation, load_truncated)
         cache.array  # map now: a later rebuild may remove the file, but not an open map of it
         return cache
 
@@ -186,7 +199,7 @@ class ImageCache:
 
     @classmethod
     def _build(cls, index_file: Path, key: str, paths: list[str], image_size: tuple[int, int], num_workers: int,
-               skip_bad_images: bool) -> "ImageCache":
+               skip_bad_images: bool, interpolation: str, load_truncated: bool) -> "ImageCache":
         height, width = image_size
         data_file = index_file.with_name(f"{index_file.stem}_{key}.npy")
         tmp = data_file.with_name(f"{data_file.name}.tmp{os.getpid()}")
@@ -207,10 +220,11 @@ class ImageCache:
             if num_workers > 0:
                 chunks = [rows[i:i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
                 with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                    futures = [pool.submit(_fill_rows, str(tmp), chunk, image_size) for chunk in chunks]
+                    futures = [pool.submit(_fill_rows, str(tmp), chunk, image_size, interpolation, load_truncated)
+                               for chunk in chunks]
                     bad = [entry for future in futures for entry in future.result()]
             else:
-                bad = _fill_rows(str(tmp), rows, image_size)
+                bad = _fill_rows(str(tmp), rows, image_size, interpolation, load_truncated)
             if bad and not skip_bad_images:
                 listed = "; ".join(reason for _, reason in bad[:5]) + ("; ..." if len(bad) > 5 else "")
                 raise BadImageError(bad[0][0], message=(

@@ -16,9 +16,8 @@ from typing import Sequence
 
 from prettytable import PrettyTable
 
-from datasets.build import DATASETS, build_dataset
 from datasets.pedes import DatasetError, Report
-from datasets.transforms import read_image
+from datasets.registry import DATASETS
 
 
 def _file_table(report: Report, splits: Sequence[str]) -> PrettyTable:
@@ -33,18 +32,6 @@ def _file_table(report: Report, splits: Sequence[str]) -> PrettyTable:
     return table
 
 
-def _loaded_table(dataset) -> PrettyTable:
-    table = PrettyTable(["split", "ids", "images", "captions"])
-    table.add_row(["train", dataset.num_train_pids, len({item.image_id for item in dataset.train}),
-                   len(dataset.train)])
-    for name, split in (("val", dataset.val), ("test", dataset.test)):
-        if split is None:
-            table.add_row([name, 0, 0, 0])
-        else:
-            table.add_row([name, split.num_ids, len(split.image_paths), len(split.captions)])
-    return table
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a text-based person retrieval dataset folder.")
     parser.add_argument("--root", required=True, help="folder that holds the dataset folder")
@@ -55,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verify_images", action="store_true",
                         help="also decode every image (slow) to find corrupt or truncated files")
     args = parser.parse_args(argv)
+    from datasets.build import build_dataset, statistics_table
+    from datasets.transforms import read_image
 
     cls = DATASETS[args.dataset]
     try:
@@ -81,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             held = "" if args.val_ids is None and cls.default_val_ids is None else \
                 f" (val: {len(dataset.val_pids)} training identities held out, seed {args.seed})"
             print(f"As loaded{held}:")
-            print(_loaded_table(dataset))
+            print(statistics_table(dataset))
         except (DatasetError, ValueError) as err:
             problems.append(str(err))
     for warning in report.warnings:

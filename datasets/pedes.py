@@ -17,10 +17,14 @@ import collections
 import json
 import logging
 import os
+import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ MAX_LISTED = 5          # examples shown for one kind of problem
 MAX_PROBLEMS_IN_ERROR = 20
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset cannot be loaded as it is on disk. The message says where and why."""
 
 
@@ -114,6 +118,21 @@ def _json_entry_error(path: str, text: str, err: json.JSONDecodeError) -> str:
         index += 1
     return (f"{path} is not valid JSON: {err.msg} at {where}, in entry {index} of the list "
             f"(0-based). Fix or re-export that entry.")
+
+
+def _stays_inside(rel: str) -> bool:
+    """Whether image path `rel`, joined to the image folder, names something inside it.
+
+    Decided on the normalised path (the one that is opened), with backslashes read
+    as separators and drive letters refused, so `CUHK01/../../x.png` is outside.
+    Symbolic links placed inside the folder are the user's own layout and are followed.
+    """
+    posix = rel.replace("\\", "/")
+    if ("\x00" in rel or os.path.isabs(rel) or posixpath.isabs(posix)
+            or re.match(r"[A-Za-z]:", posix)):
+        return False
+    normal = posixpath.normpath(posix)
+    return normal not in (".", "..") and not normal.startswith("../")
 
 
 def _list_examples(items: Sequence, limit: int = MAX_LISTED) -> str:
@@ -249,10 +268,14 @@ class PedesDataset:
             problems.append(f"{where}: field 'split' is {split!r}; {cls.name} splits are {', '.join(cls.splits)}")
         if not isinstance(pid, int) or isinstance(pid, bool):
             problems.append(f"{where}: field 'id' must be an integer, got {pid!r}")
+        elif not -2**63 <= pid < 2**63:  # identities become int64 tensors
+            problems.append(f"{where}: field 'id' is {pid}, outside the 64-bit integer range")
         if not isinstance(image, str) or not image:
             problems.append(f"{where}: field {cls.path_field!r} must be a non-empty path, got {image!r}")
-        elif os.path.isabs(image) or image.replace("\\", "/").startswith("../"):
-            problems.append(f"{where}: field {cls.path_field!r} is {image!r}; it must be relative to imgs/")
+        elif not _stays_inside(image):
+            problems.append(f"{where}: field {cls.path_field!r} is {image!r}, which points outside "
+                            f"{cls.folder}/imgs/; image paths must be relative to that folder "
+                            f"and stay in it")
         if not isinstance(captions, list) or not captions:
             problems.append(f"{where}: field 'captions' must be a non-empty list of strings, got {captions!r:.80}")
         elif not all(isinstance(c, str) for c in captions):
@@ -343,7 +366,7 @@ class PedesDataset:
         self.train, self.num_train_pids, self.train_pid_map = self._train_items(train)
         self.val = self._eval_split(val) if val else None
         self.test = self._eval_split(by_split["test"])
-        logger.info("%s: train %d ids / %d images / %d captions; val %s; test %d ids / %d images / %d captions",
+        logger.debug("%s: train %d ids / %d images / %d captions; val %s; test %d ids / %d images / %d captions",
                     self.name, self.num_train_pids, len({t.image_id for t in self.train}), len(self.train),
                     f"{len(self.val_pids)} ids" + (" (held out of train)" if held_out else "") if val else "none",
                     self.test.num_ids, len(self.test.image_paths), len(self.test.captions))

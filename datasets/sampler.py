@@ -75,9 +75,10 @@ class _GlobalBatchSampler:
         if self.yield_seeds:
             seeds = self._rng(self.epoch, _SEED_STREAM).integers(0, 2**62, size=batches.shape)
         for b in range(self.start_batch, batches.shape[0]):
-            indices = batches[b, lo:hi].tolist()
+            present = batches[b, lo:hi] >= 0  # a kept partial last batch is padded with -1
+            indices = batches[b, lo:hi][present].tolist()
             if self.yield_seeds:
-                yield list(zip(indices, seeds[b, lo:hi].tolist()))
+                yield list(zip(indices, seeds[b, lo:hi][present].tolist()))
             else:
                 yield indices
 
@@ -87,19 +88,27 @@ class RandomBatchSampler(_GlobalBatchSampler):
 
     An epoch is one pass over the permutation. With ``drop_last`` the last
     incomplete batch is dropped; without it, it is completed with the first
-    indices of the permutation, so every batch (and every rank's slice) is full.
+    indices of the permutation, so every batch (and every rank's slice) is full,
+    or with ``keep_partial`` (IRRA's, torch DataLoader's ``drop_last=False``) it
+    is yielded as it is, smaller: one process only, since the ranks could not
+    split it evenly.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, yield_seeds: bool = False):
+                 drop_last: bool = True, yield_seeds: bool = False, keep_partial: bool = False):
         super().__init__(batch_size, seed, rank, world_size, yield_seeds)
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples}: the dataset is empty.")
+        if keep_partial and (drop_last or world_size > 1):
+            raise ValueError("keep_partial keeps the last incomplete batch of one process: it needs "
+                             f"drop_last=False and world_size=1 (got drop_last={drop_last}, "
+                             f"world_size={world_size}).")
         if drop_last and num_samples < batch_size:
             raise ValueError(f"num_samples={num_samples} < batch_size={batch_size} with drop_last=True "
                              "gives no batches; lower the batch size.")
         self.num_samples = num_samples
         self.drop_last = drop_last
+        self.keep_partial = keep_partial
 
     @property
     def batches_per_epoch(self) -> int:
@@ -111,7 +120,8 @@ class RandomBatchSampler(_GlobalBatchSampler):
         order = self._rng(epoch, _ORDER_STREAM).permutation(self.num_samples)
         total = self.batches_per_epoch * self.batch_size
         if total > order.shape[0]:
-            order = np.concatenate([order, np.resize(order, total - order.shape[0])])
+            fill = np.full(total - order.shape[0], -1) if self.keep_partial else np.resize(order, total - order.shape[0])
+            order = np.concatenate([order, fill])
         return order[:total].reshape(-1, self.batch_size)
 
 

@@ -39,7 +39,7 @@ MARKER_FILE = "SYNTHETIC.json"
 
 @dataclasses.dataclass(frozen=True)
 class SynthFormat:
-    """How one real dataset lays out its files (METHOD.md §5)."""
+    """How one real dataset lays out its files (annotation JSON, image folder, fields)."""
     folder: str
     annotation: str
     path_field: str

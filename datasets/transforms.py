@@ -1,8 +1,9 @@
 """Image transforms (IRRA's recipe) and token-level text augmentation.
 
-Training images: resize to (H, W) bicubic, random horizontal flip, zero-pad
-then random crop back to (H, W), to tensor, CLIP mean/std normalisation,
-random erasing. Evaluation images: resize, to tensor, normalise.
+Training images: resize to (H, W) (bicubic, or bilinear as IRRA: torchvision's
+Resize default), random horizontal flip, zero-pad then random crop back to
+(H, W), to tensor, CLIP mean/std normalisation, random erasing. Evaluation
+images: resize, to tensor, normalise.
 
 The torchvision transforms draw from torch's global generator; the training
 dataset seeds it per sample (see ``datasets.bases.ImageTextDataset``), so the
@@ -10,15 +11,18 @@ augmentation of a sample depends only on its sample seed.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFile
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BPE_VOCAB_END = 49405  # ids [0, 49405) are BPE pieces; 49405 mask, 49406 SOT, 49407 EOT
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,12 @@ class TextAugment:
                              f"delete={self.delete_prob}: each must be >= 0 and their sum <= 1.")
 
 
+def interpolation_mode(name: str) -> T.InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={name!r}: choose one of {', '.join(INTERPOLATIONS)}.")
+    return INTERPOLATIONS[name]
+
+
 def _size(image_size) -> tuple[int, int]:
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     if height <= 0 or width <= 0:
@@ -76,11 +86,12 @@ def _size(image_size) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def build_train_transform(image_size: tuple[int, int], augment: ImageAugment | None = None) -> T.Compose:
+def build_train_transform(image_size: tuple[int, int], augment: ImageAugment | None = None,
+                          interpolation: str = "bicubic") -> T.Compose:
     """PIL image -> normalised float tensor (3, H, W) with training augmentation."""
     augment = augment or ImageAugment()
     size = _size(image_size)
-    steps = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
+    steps = [T.Resize(size, interpolation=interpolation_mode(interpolation))]
     if augment.flip:
         steps.append(T.RandomHorizontalFlip(0.5))
     if augment.crop and augment.padding > 0:
@@ -91,20 +102,41 @@ def build_train_transform(image_size: tuple[int, int], augment: ImageAugment | N
     return T.Compose(steps)
 
 
-def build_eval_transform(image_size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD) -> T.Compose:
+def build_eval_transform(image_size: tuple[int, int], mean=CLIP_MEAN, std=CLIP_STD,
+                         interpolation: str = "bicubic") -> T.Compose:
     """PIL image -> normalised float tensor (3, H, W), deterministic."""
-    return T.Compose([T.Resize(_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.Resize(_size(image_size), interpolation=interpolation_mode(interpolation)),
                       T.ToTensor(), T.Normalize(mean, std)])
 
 
-def read_image(path: str) -> Image.Image:
+_TRUNCATED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _truncated_images_allowed(allowed: bool):
+    """PIL's process-wide LOAD_TRUNCATED_IMAGES switched on for one decode (IRRA sets it
+    for the whole process). Reads that do not allow truncation take no lock: a process
+    uses one setting."""
+    if not allowed:
+        yield
+        return
+    with _TRUNCATED_LOCK:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def read_image(path: str, load_truncated: bool = False) -> Image.Image:
     """Decode an image file fully as RGB; BadImageError naming the path if it is missing or corrupt.
 
-    Truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES is left off).
+    A truncated file is an error, or with ``load_truncated`` (IRRA) decoded as far as
+    its data goes.
     """
     from datasets.pedes import BadImageError
     try:
-        with Image.open(path) as image:
+        with _truncated_images_allowed(load_truncated), Image.open(path) as image:
             return image.convert("RGB")  # convert() loads every pixel, so truncation shows here
     except FileNotFoundError:
         raise BadImageError(path, "file not found") from None

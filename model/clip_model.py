@@ -10,7 +10,9 @@ Both encoders return every token projected into the joint embedding space
 the global feature (image: CLS token; text: end-of-text token).
 
 Mixed precision comes from ``torch.autocast`` around the forward pass; weights
-stay fp32 (a half-precision checkpoint is upcast on load).
+stay fp32 (a half-precision checkpoint is upcast on load). The one exception is
+IRRA's legacy fp16 weights (`model.irra.convert_weights_to_fp16`): the encoders
+cast their inputs to their weights' dtype, which is a no-op for fp32 weights.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -32,6 +33,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from utils.checkpoint import strip_module_prefix
+from utils.errors import UserError
+
+from .script_archive import read_script_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +60,16 @@ ARCH_KEYS = frozenset(VIT_B16)
 # Entries that are model attributes or derived buffers, not weights: OpenAI's
 # archives carry the first three, TorchScript traces of open_clip the causal mask.
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# Where a retrieval model (model.build.RetrievalModel) keeps its CLIP.
+BACKBONE_PREFIX = "backbone."
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A state dict does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
-class PretrainedWeightsUnavailable(FileNotFoundError):
-    """Pretrained weights are neither cached nor downloadable."""
+class PretrainedWeightsUnavailable(UserError, FileNotFoundError):
+    """Pretrained weights are not where the pretrain setting says, nor downloadable."""
 
 
 # --------------------------------------------------------------------------- layers
@@ -198,7 +206,7 @@ class VisionTransformer(nn.Module):
                 f"Expected images of shape (B, 3, {self.image_size[0]}, {self.image_size[1]}), got "
                 f"{tuple(images.shape)}; build the model with image_size matching the data."
             )
-        x = self.conv1(images)  # B, W, gh, gw
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # B, W, gh, gw
         x = x.flatten(2).transpose(1, 2)  # B, N, W
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # B, 1, W
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # B, 1+N, W
@@ -277,7 +285,8 @@ class CLIP(nn.Module):
                 f"Expected caption_ids of shape (B, L) with L <= {self.context_length}, got {tuple(caption_ids.shape)}."
             )
         L = caption_ids.shape[1]
-        x = self.token_embedding(caption_ids) + self.positional_embedding[:L]  # B, L, W
+        dtype = self.text_projection.dtype  # fp32, or fp16 with IRRA's fp16 weights
+        x = self.token_embedding(caption_ids).to(dtype) + self.positional_embedding[:L].to(dtype)  # B, L, W
         x = self.transformer(x, is_causal=True)
         tokens = self.ln_final(x) @ self.text_projection  # B, L, E
         eot = caption_ids.argmax(dim=-1)  # B
@@ -290,8 +299,10 @@ class CLIP(nn.Module):
 
 # --------------------------------------------------------------------------- position embedding
 
-def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> torch.Tensor:
-    """Bicubically resize a ViT position embedding, keeping the class token.
+def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int],
+                     interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize a ViT position embedding (``interpolation``: bicubic or bilinear, as
+    ``F.interpolate`` without corner alignment), keeping the class token.
 
     pos_embed: 1 + src_h*src_w, D -> 1 + dst_h*dst_w, D. Returns the input
     tensor itself when the grids are equal.
@@ -305,7 +316,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid:
     cls, grid = pos_embed[:1], pos_embed[1:]
     D = grid.shape[1]
     grid = grid.float().reshape(1, src_h, src_w, D).permute(0, 3, 1, 2)  # 1, D, h, w
-    grid = F.interpolate(grid, size=(dst_h, dst_w), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=(dst_h, dst_w), mode=interpolation, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(dst_h * dst_w, D).to(pos_embed.dtype)
     return torch.cat([cls, grid], dim=0)
 
@@ -323,19 +334,21 @@ def _is_torchscript_archive(path: Path) -> bool:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read CLIP weights from an OpenAI TorchScript archive or a torch.save file.
 
+    Neither is executed: the archive is read as data (``model.script_archive``),
+    a torch.save file with ``weights_only=True``.
+
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers, strips
     ``module.`` prefixes, drops the archive's non-parameter entries and upcasts
-    floating tensors to fp32.
+    floating tensors to fp32. A checkpoint of a whole retrieval model gives its CLIP
+    and leaves the rest out: this codebase's (best.pth, last.pth: ``backbone.*``) and
+    IRRA's (``base_model.*``, whose other keys are checked by name, `model.irra`).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP weights file not found: {path}")
+        raise PretrainedWeightsUnavailable(f"CLIP weights file not found: {path}")
     if _is_torchscript_archive(path):
-        # OpenAI publishes TorchScript archives; torch.jit.load is the only reader,
-        # so its deprecation notice tells the user nothing actionable.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        # OpenAI publishes TorchScript archives; torch.jit.load would run their code.
+        state_dict = read_script_state_dict(path)
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -349,15 +362,26 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state_dict = state_dict[wrapper]
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict.")
+    from .irra import from_irra_state_dict, is_irra_state_dict  # model.irra imports this module
+    state_dict = strip_module_prefix(state_dict)
+    if is_irra_state_dict(state_dict):
+        state_dict = from_irra_state_dict(state_dict, str(path))
+    if any(key.startswith(BACKBONE_PREFIX) for key in state_dict):
+        state_dict = backbone_state(state_dict)
     cleaned = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
         if key in _NON_PARAMETER_KEYS:
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor.")
         cleaned[key] = value.float() if value.is_floating_point() else value
     return cleaned
+
+
+def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP weights in a retrieval model's state dict (``module.`` prefixes allowed)."""
+    return {key.removeprefix(BACKBONE_PREFIX): value
+            for key, value in strip_module_prefix(state).items() if key.startswith(BACKBONE_PREFIX)}
 
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -405,8 +429,10 @@ def _source_grid(pos_embed: torch.Tensor, dst_grid: tuple[int, int]) -> tuple[in
     return side, side
 
 
-def load_clip_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> CLIP:
-    """Load CLIP weights into ``model``, resizing the image position embedding.
+def load_clip_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                         interpolation: str = "bicubic") -> CLIP:
+    """Load CLIP weights into ``model``, resizing the image position embedding
+    (`resize_pos_embed` with ``interpolation``).
 
     Raises CheckpointMismatchError naming every missing, unexpected and
     mis-shaped key. A model on the meta device takes the loaded tensors as its
@@ -419,7 +445,7 @@ def load_clip_state_dict(model: CLIP, state_dict: Mapping[str, torch.Tensor], so
         src_grid = _source_grid(state_dict[key], dst_grid)
         if src_grid != dst_grid:
             logger.info("Resizing %s from %dx%d to %dx%d", key, *src_grid, *dst_grid)
-        state_dict[key] = resize_pos_embed(state_dict[key], src_grid, dst_grid)
+        state_dict[key] = resize_pos_embed(state_dict[key], src_grid, dst_grid, interpolation)
 
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -519,6 +545,7 @@ def build_clip(
     stride: int = 16,
     cache_dir: str | os.PathLike | None = None,
     download: bool | None = None,
+    interpolation: str = "bicubic",
     **arch: Any,
 ) -> CLIP:
     """Build CLIP for ``image_size`` (H, W) and patch ``stride``.
@@ -535,7 +562,8 @@ def build_clip(
       context_length, vocab_size). With weights, values that disagree with the
       file surface as mis-shaped keys.
 
-    The pretrained position embedding is bicubically resized to the target grid.
+    The pretrained position embedding is resized to the target grid with
+    ``interpolation`` (bicubic or bilinear).
     """
     unknown = sorted(set(arch) - ARCH_KEYS)
     if unknown:
@@ -548,7 +576,7 @@ def build_clip(
     else:
         path = Path(pretrain).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise PretrainedWeightsUnavailable(
                 f"pretrain={str(pretrain)!r} is neither a file nor a known model "
                 f"({', '.join(PRETRAINED_URLS)}, or 'none' for random initialisation)."
             )
@@ -559,6 +587,6 @@ def build_clip(
     # random initialisation of 150M parameters would be wasted work.
     with torch.device("meta"):
         model = CLIP(image_size=image_size, stride=stride, **config)
-    load_clip_state_dict(model, state_dict, source=f"{source}")
+    load_clip_state_dict(model, state_dict, source=f"{source}", interpolation=interpolation)
     logger.info("Loaded CLIP weights from %s (image size %s, grid %s)", path, model.image_size, model.visual.grid_size)
     return model

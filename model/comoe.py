@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.moe import AUX_INPUTS, GATE_MODES, MODALITIES, MoELayer, RoutingStats
+from model.moe import AUX_INPUTS, COMBINE_MODES, GATE_MODES, MODALITIES, MoELayer, RoutingStats
 
 __all__ = ["FUSE_MODES", "Attention", "CoMoEBlock", "CoMoEHead", "Mlp", "fuse_embedding"]
 
@@ -99,8 +99,9 @@ class CoMoEBlock(nn.Module):
         dropout: float = 0.0,
         expert_dropout: float = 0.1,
         gate: str = "modality+aux",
-        aux_input: str = "token",
+        aux_input: str = "prompt",
         mix_init: float = 0.5,
+        combine: str = "renorm",
     ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
@@ -113,18 +114,19 @@ class CoMoEBlock(nn.Module):
         if num_experts > 0:
             self.ln_3 = nn.LayerNorm(dim)
             self.moe = MoELayer(
-                dim, num_experts, topk, reduction, expert_dropout, gate, aux_input, mix_init
+                dim, num_experts, topk, reduction, expert_dropout, gate, aux_input, mix_init,
+                combine=combine,
             )
 
-    def forward(self, x: Tensor, valid: Tensor | None,
-                modality: str) -> tuple[Tensor, RoutingStats | None]:
-        """x: (B, L, D), valid: (B, L) bool or None (no padding) -> ((B, L, D), stats or
-        None without MoE)."""
+    def forward(self, x: Tensor, valid: Tensor | None, modality: str,
+                global_pos: Tensor | None = None) -> tuple[Tensor, RoutingStats | None]:
+        """x: (B, L, D), valid: (B, L) bool or None (no padding), global_pos: (B,) long
+        or None (position 0) -> ((B, L, D), stats or None without MoE)."""
         x = x + self.attn(self.ln_1(x), valid)
         update = self.mlp(self.ln_2(x))  # B, L, D
         stats = None
         if self.moe is not None:
-            moe_out, stats = self.moe(self.ln_3(x), valid, modality)
+            moe_out, stats = self.moe(self.ln_3(x), valid, modality, global_pos)
             update = update + moe_out
         return x + update, stats
 
@@ -146,6 +148,8 @@ class CoMoEHead(nn.Module):
         gate: router gate mode, one of `model.moe.GATE_MODES`.
         aux_input: auxiliary gate input, one of `model.moe.AUX_INPUTS`.
         mix_init: initial mixing weight a in (0, 1) of the auxiliary gate.
+        combine: combine weights of the selected experts, one of
+            `model.moe.COMBINE_MODES` ("prob" is needed at k = 1).
         identity_init: zero-initialise the output projection of every
             residual branch (attention, MLP and, always, the experts) so a new
             head is exactly the identity on valid tokens and starts from the
@@ -165,9 +169,10 @@ class CoMoEHead(nn.Module):
         dropout: float = 0.0,
         expert_dropout: float = 0.1,
         gate: str = "modality+aux",
-        aux_input: str = "token",
+        aux_input: str = "prompt",
         mix_init: float = 0.5,
         identity_init: bool = True,
+        combine: str = "renorm",
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -178,6 +183,8 @@ class CoMoEHead(nn.Module):
             raise ValueError(f"unknown CoMoEHead gate {gate!r}; expected one of {GATE_MODES}")
         if aux_input not in AUX_INPUTS:
             raise ValueError(f"unknown CoMoEHead aux_input {aux_input!r}; expected one of {AUX_INPUTS}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown CoMoEHead combine {combine!r}; expected one of {COMBINE_MODES}")
         if num_experts < 0:
             raise ValueError(f"num_experts must be >= 0 (0 disables the MoE branch), got {num_experts}")
         if num_experts > 0 and not 1 <= topk <= num_experts:
@@ -189,7 +196,7 @@ class CoMoEHead(nn.Module):
         self.blocks = nn.ModuleList(
             CoMoEBlock(
                 dim, heads, num_experts, topk, reduction, mlp_ratio, dropout,
-                expert_dropout, gate, aux_input, mix_init,
+                expert_dropout, gate, aux_input, mix_init, combine,
             )
             for _ in range(layers)
         )
@@ -200,7 +207,8 @@ class CoMoEHead(nn.Module):
                     nn.init.zeros_(lin.bias)
 
     def forward(
-        self, tokens: Tensor, valid: Tensor | None, modality: str
+        self, tokens: Tensor, valid: Tensor | None, modality: str,
+        global_pos: Tensor | None = None,
     ) -> tuple[Tensor, list[RoutingStats]]:
         """Transform one modality's token sequences.
 
@@ -209,6 +217,9 @@ class CoMoEHead(nn.Module):
             valid: (B, L) bool, True for real tokens, or None when every token is
                 real (images): the same result without masking work.
             modality: "image" or "text" (selects the modality gate).
+            global_pos: (B,) long, position of each sample's global token (caption
+                end-of-text token), read by the auxiliary gate under aux_input
+                "context"; None: position 0 (image CLS token).
 
         Returns:
             (B, L, D) tokens, zero at padded positions (whose input content is
@@ -233,7 +244,7 @@ class CoMoEHead(nn.Module):
         x = zero_padding(tokens)
         all_stats = []
         for block in self.blocks:
-            x, stats = block(x, valid, modality)
+            x, stats = block(x, valid, modality, global_pos)
             if stats is not None:
                 all_stats.append(stats)
         return zero_padding(x), all_stats

@@ -9,8 +9,9 @@ is `model.objectives.mlm_loss`. Retrieval never runs this head, so test-time
 cost is zero.
 
 Every operation works within one sample: caption b attends only to image b's
-tokens and to its own valid tokens, so a sample's logits do not depend on its
-batch neighbours (tests/test_baseline_losses.py checks this).
+tokens and to its own valid tokens (all its positions in IRRA's style), so a
+sample's logits do not depend on its batch neighbours
+(tests/test_baseline_losses.py checks this).
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from model.clip_model import QuickGELU
 from model.comoe import Attention, Mlp
 from utils.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, VOCAB_SIZE
 
-__all__ = ["IGNORE_INDEX", "CrossAttention", "MLMHead", "mask_caption_tokens"]
+__all__ = ["IGNORE_INDEX", "CMT_STYLES", "MLM_FALLBACKS", "CrossAttention", "MLMHead",
+           "mask_caption_tokens"]
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (F.cross_entropy's default)
+MLM_FALLBACKS = ("random", "first")
+CMT_STYLES = ("project", "irra")
 
 
 def mask_caption_tokens(
@@ -38,6 +42,7 @@ def mask_caption_tokens(
     mask_token_id: int = MASK_TOKEN_ID,
     vocab_low: int = 1,
     vocab_high: int = MASK_TOKEN_ID,
+    fallback: str = "random",
 ) -> tuple[Tensor, Tensor]:
     """BERT-style masking of the word tokens of tokenised captions (as IRRA).
 
@@ -48,10 +53,12 @@ def mask_caption_tokens(
     token becomes ``mask_token_id`` with probability ``mask_prob``, a token
     drawn uniformly from ``[vocab_low, vocab_high)`` with probability
     ``random_prob`` (it may happen to equal the original, as in BERT), and is
-    kept otherwise. A caption with at least one candidate but no selection gets
-    one: the candidate with the smallest selection draw, i.e. a uniformly
-    random one, replaced by the same 80/10/10 rule (IRRA always masks position
-    1 instead, which biases short captions towards their first word).
+    kept otherwise. A caption with no selection gets one, by ``fallback``:
+    "random" (if it has a candidate): the candidate with the smallest
+    selection draw, i.e. a uniformly random one, replaced by the same 80/10/10
+    rule; "first" (IRRA): position 1 becomes the mask token and is labelled
+    with its original id, whatever it is (this biases short captions towards
+    their first word).
 
     Args:
         caption_ids: (B, L) long token ids (SOT, words, EOT, zero padding), as
@@ -67,6 +74,7 @@ def mask_caption_tokens(
         mask_token_id: id written at masked positions.
         vocab_low: smallest candidate / random-replacement id.
         vocab_high: one past the largest candidate / random-replacement id.
+        fallback: "random" or "first", see above.
 
     Returns:
         (masked_ids, labels), both (B, L) long on ``caption_ids``' device:
@@ -87,6 +95,8 @@ def mask_caption_tokens(
         )
     if not 0 <= vocab_low < vocab_high:
         raise ValueError(f"MLM needs 0 <= vocab_low < vocab_high, got {vocab_low}, {vocab_high}")
+    if fallback not in MLM_FALLBACKS:
+        raise ValueError(f"MLM fallback must be one of {', '.join(MLM_FALLBACKS)}, got {fallback!r}")
 
     device = caption_ids.device
     B, L = caption_ids.shape
@@ -106,9 +116,14 @@ def mask_caption_tokens(
     candidate = (caption_ids >= vocab_low) & (caption_ids < vocab_high) & before_eot  # B, L
 
     selected = candidate & (select_draw < select_prob)  # B, L
-    forced = torch.where(candidate, select_draw, torch.full_like(select_draw, 2.0)).argmin(dim=1)  # B
-    needs_one = candidate.any(dim=1) & ~selected.any(dim=1)  # B
-    selected = selected | (needs_one[:, None] & (positions[None, :] == forced[:, None]))
+    if fallback == "first":
+        forced = (positions[None, :] == 1) & ~selected.any(dim=1, keepdim=True)  # B, L
+        action_draw = torch.where(forced, torch.full_like(action_draw, -1.0), action_draw)  # masked
+    else:
+        first_draw = torch.where(candidate, select_draw, torch.full_like(select_draw, 2.0)).argmin(dim=1)  # B
+        needs_one = candidate.any(dim=1) & ~selected.any(dim=1)  # B
+        forced = needs_one[:, None] & (positions[None, :] == first_draw[:, None])  # B, L
+    selected = selected | forced
 
     to_mask = selected & (action_draw < mask_prob)
     to_random = selected & (action_draw >= mask_prob) & (action_draw < mask_prob + random_prob)
@@ -180,16 +195,19 @@ class CrossAttention(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-LN transformer block: x + SelfAttn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + SelfAttn(LN(x)), then x + MLP(LN(x)); the MLP
+    activation is GELU or, with ``quick_gelu`` (IRRA's CLIP blocks), QuickGELU."""
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float, quick_gelu: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim, dropout)
+        if quick_gelu:
+            self.mlp.act = QuickGELU()
 
-    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), valid)
         return x + self.mlp(self.ln_2(x))
 
@@ -203,6 +221,13 @@ class MLMHead(nn.Module):
     (padding masked as keys), ``ln_post``, and the prediction MLP
     Linear(D, D) -> QuickGELU -> LayerNorm -> Linear(D, V).
 
+    ``style`` "irra" reproduces IRRA's blocks exactly: QuickGELU in their MLPs,
+    self-attention over all L positions (padding included, so a caption's
+    logits also depend on its padding tokens, never on other samples), and
+    PyTorch's default init of the linear layers' biases (uniform in
+    +-fan_in^-1/2; its attention layers, nn.MultiheadAttention, zero theirs).
+    "project" uses GELU, masks padding and zeroes every bias.
+
     Args:
         dim: token width D of the joint space (512 for ViT-B/16 CLIP).
         vocab_size: number of token ids V to score (the text encoder's).
@@ -210,6 +235,7 @@ class MLMHead(nn.Module):
             D // 64).
         cmt_depth: number of self-attention blocks.
         dropout: dropout of attention and MLP (IRRA: 0).
+        style: "project" or "irra", see above.
     """
 
     def __init__(
@@ -219,26 +245,31 @@ class MLMHead(nn.Module):
         heads: int = 8,
         cmt_depth: int = 4,
         dropout: float = 0.0,
+        style: str = "project",
     ) -> None:
         super().__init__()
         if cmt_depth < 1:
             raise ValueError(f"MLMHead needs cmt_depth >= 1, got {cmt_depth}")
         if vocab_size < 1:
             raise ValueError(f"MLMHead needs vocab_size >= 1, got {vocab_size}")
+        if style not in CMT_STYLES:
+            raise ValueError(f"MLMHead style must be one of {', '.join(CMT_STYLES)}, got {style!r}")
         self.dim = dim
         self.vocab_size = vocab_size
+        self.mask_padding = style == "project"
         self.ln_pre_t = nn.LayerNorm(dim)
         self.ln_pre_i = nn.LayerNorm(dim)
         self.cross_attn = CrossAttention(dim, heads, dropout)
-        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(cmt_depth))
+        self.blocks = nn.ModuleList(_Block(dim, heads, dropout, quick_gelu=style == "irra")
+                                    for _ in range(cmt_depth))
         self.ln_post = nn.LayerNorm(dim)
         self.dense = nn.Linear(dim, dim)
         self.act = QuickGELU()
         self.ln = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, vocab_size)
-        self._init_weights(cmt_depth)
+        self._init_weights(cmt_depth, default_linear_biases=style == "irra")
 
-    def _init_weights(self, depth: int) -> None:
+    def _init_weights(self, depth: int, default_linear_biases: bool) -> None:
         # CLIP's transformer init, as IRRA: input projections ~ D^-1/2,
         # residual output projections further scaled by (2 * depth)^-1/2.
         attn_std = self.dim ** -0.5
@@ -252,6 +283,12 @@ class MLMHead(nn.Module):
         for linear, std in stds.items():
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
+        if default_linear_biases:
+            linears = [self.dense, self.fc] + [fc for block in self.blocks
+                                               for fc in (block.mlp.fc1, block.mlp.fc2)]
+            for linear in linears:
+                bound = linear.in_features ** -0.5  # nn.Linear's own bias init
+                nn.init.uniform_(linear.bias, -bound, bound)
 
     def forward(
         self,
@@ -267,7 +304,7 @@ class MLMHead(nn.Module):
             image_tokens: (B, N, D) image-encoder tokens (CLS and patches) of
                 the paired images.
             text_valid: (B, L) bool, True for SOT .. EOT (padding is never
-                attended to).
+                attended to, except in style "irra").
             predict_at: optional; when given only these positions go through
                 the prediction MLP, which spares the (B, L, V) logits of the
                 unlabelled positions. Either a (B, L) bool mask (e.g.
@@ -295,7 +332,7 @@ class MLMHead(nn.Module):
             )
         x = self.cross_attn(self.ln_pre_t(text_tokens), self.ln_pre_i(image_tokens))  # B, L, D
         for block in self.blocks:
-            x = block(x, text_valid)
+            x = block(x, text_valid if self.mask_padding else None)
         x = self.ln_post(x)
         if predict_at is not None:
             if predict_at.dtype == torch.long and predict_at.dim() == 1:

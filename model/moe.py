@@ -7,15 +7,18 @@ modalities) and one `Router`. Router logits for a token ``h`` of modality
     z = (1 - a) * G_m(h) + a * G_aux(u)
 
 with ``G_m`` a modality-specific linear gate, ``G_aux`` an auxiliary gate
-shared by both modalities, ``u = h`` ("token") or a learned per-layer vector
-("prompt"), and ``a = sigmoid(alpha)`` a learnable mixing weight. Each token
-goes to the top-k experts; the k selected logits are softmax-normalised into
-combine weights. The gate modes "modality" (no auxiliary gate) and "shared"
-(one gate for both modalities, no auxiliary gate) exist for ablations.
+shared by both modalities, ``u`` a learned per-layer vector ("prompt"), the
+token's own sample's global token ("context": image CLS / caption end-of-text
+token) or the token itself ("token"), and ``a = sigmoid(alpha)`` a learnable
+mixing weight. Each token goes to the top-k experts; the combine weights are
+the softmax over the k selected logits ("renorm") or the selected experts'
+full-softmax probabilities ("prob"). The gate modes "modality" (no auxiliary
+gate) and "shared" (one gate for both modalities, no auxiliary gate) exist for
+ablations.
 
 Routing is strictly per token: there is no capacity limit and no token
 dropping, so a token's experts and output never depend on other tokens (or
-other samples) in the batch.
+other samples) in the batch; the "context" input is the token's own sample's.
 """
 from __future__ import annotations
 
@@ -29,9 +32,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "AUX_INPUTS",
+    "COMBINE_MODES",
     "GATE_MODES",
     "MODALITIES",
-    "BottleneckExpert",
     "ExpertPool",
     "MoELayer",
     "MoETokenOutput",
@@ -42,7 +45,8 @@ __all__ = [
 ]
 
 GATE_MODES = ("modality+aux", "modality", "shared")
-AUX_INPUTS = ("token", "prompt")
+AUX_INPUTS = ("prompt", "context", "token")
+COMBINE_MODES = ("renorm", "prob")
 MODALITIES = ("image", "text")
 
 # Gate weights ~ N(0, 0.02^2): for layer-normed tokens (unit variance per
@@ -129,48 +133,37 @@ class RoutingStats:
         return self.counts / self.counts.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
-class BottleneckExpert(nn.Module):
-    """Bottleneck adapter D -> D/r -> D with GELU and dropout.
-
-    The up-projection is zero-initialised, so a fresh expert outputs zeros.
-    """
-
-    def __init__(self, dim: int, reduction: int = 8, dropout: float = 0.1) -> None:
-        super().__init__()
-        hidden = dim // reduction
-        if reduction < 1 or hidden < 1:
-            raise ValueError(
-                f"expert reduction must satisfy 1 <= reduction <= dim (dim={dim}), got {reduction}"
-            )
-        self.down = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-        self.up = nn.Linear(hidden, dim)
-        nn.init.trunc_normal_(self.down.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N, D) -> (N, D)."""
-        return self.up(self.drop(self.act(self.down(x))))
-
-
 class ExpertPool(nn.Module):
-    """`num_experts` bottleneck experts shared by both modalities."""
+    """`num_experts` bottleneck adapters D -> H -> D (H = D // reduction, GELU, dropout)
+    shared by both modalities, stored stacked and run together.
+
+    Parameters: ``down.weight`` (E, D, H), ``down.bias`` (E, H), ``up.weight`` (E, H, D),
+    ``up.bias`` (E, D); expert e maps x (D,) to
+    ``dropout(gelu(x @ down.weight[e] + down.bias[e])) @ up.weight[e] + up.bias[e]``.
+    The up-projection is zero-initialised, so a fresh pool outputs zeros. Checkpoints
+    written with one ``nn.Linear`` pair per expert (``experts.<e>.down.weight`` ...)
+    are converted when loaded.
+    """
 
     def __init__(self, dim: int, num_experts: int, reduction: int = 8, dropout: float = 0.1) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        self.experts = nn.ModuleList(
-            BottleneckExpert(dim, reduction, dropout) for _ in range(num_experts)
-        )
+        hidden = dim // reduction
+        if reduction < 1 or hidden < 1:
+            raise ValueError(
+                f"expert reduction must satisfy 1 <= reduction <= dim (dim={dim}), got {reduction}"
+            )
+        self.num_experts = num_experts
         self.dropout = dropout
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
+        # Names ending in .weight / .bias, like nn.Linear's, so that the optimizer's
+        # rules for biases (lr factor, no weight decay) apply to the stacked biases.
+        self.down = nn.ParameterDict({"weight": nn.Parameter(torch.empty(num_experts, dim, hidden)),
+                                      "bias": nn.Parameter(torch.zeros(num_experts, hidden))})
+        self.up = nn.ParameterDict({"weight": nn.Parameter(torch.zeros(num_experts, hidden, dim)),
+                                    "bias": nn.Parameter(torch.zeros(num_experts, dim))})
+        nn.init.trunc_normal_(self.down.weight, std=0.02)
+        self.register_load_state_dict_pre_hook(_stack_per_expert_state)
 
     def forward(self, x: Tensor, selected: Tensor, weights: Tensor) -> Tensor:
         """Run every token through its selected experts and combine.
@@ -181,7 +174,7 @@ class ExpertPool(nn.Module):
             weights: (N, k) combine weights.
 
         Returns:
-            (N, D): ``sum_j weights[n, j] * expert[selected[n, j]](x[n])`` in
+            (N, D): ``sum_j weights[n, j] * expert_{selected[n, j]}(x[n])`` in
             ``x.dtype``.
         """
         # Dense dispatch: every expert sees every token and unselected experts get
@@ -190,30 +183,51 @@ class ExpertPool(nn.Module):
         # sync, torch.compile-friendly, and every expert stays in the autograd
         # graph (DDP needs no find_unused_parameters).
         #
-        # All E experts run as one bottleneck of width E*H: the down-projections are
-        # stacked into one matmul, each expert's hidden units are scaled by its
-        # combine weight, and the up-projection then sums the experts inside one
-        # matmul (fp32 accumulation). Two matmuls instead of 2E, the same function.
-        n, num_experts = x.shape[0], self.num_experts
+        # All E experts run as one bottleneck of width E*H: one matmul for the
+        # down-projections, each expert's hidden units scaled by its combine weight,
+        # and one matmul for the up-projections that also sums the experts (fp32
+        # accumulation).
+        n, dim = x.shape
+        num_experts, hidden_dim = self.down.bias.shape
         combine = torch.zeros(n, num_experts, dtype=torch.float32, device=x.device)  # N, E
         combine.scatter_(1, selected, weights.float())
-        downs = [expert.down for expert in self.experts]
-        ups = [expert.up for expert in self.experts]
-        hidden = F.linear(x, torch.cat([d.weight for d in downs]), torch.cat([d.bias for d in downs]))
-        hidden = F.dropout(F.gelu(hidden), self.dropout, self.training)  # N, E*H
-        hidden = hidden.view(n, num_experts, -1) * combine.unsqueeze(2).to(hidden.dtype)
-        # The up-projections' biases ride along as E extra input columns (the combine
-        # weights), so the same matmul adds sum_e combine[n, e] * bias_e.
+        down = self.down.weight.transpose(0, 1).reshape(dim, num_experts * hidden_dim)  # D, E*H
+        hidden = torch.addmm(self.down.bias.flatten(), x, down)  # N, E*H
+        hidden = F.dropout(F.gelu(hidden), self.dropout, self.training)
+        hidden = hidden.view(n, num_experts, hidden_dim) * combine.unsqueeze(2).to(hidden.dtype)
+        # The up-projections' biases ride along as E extra rows of the weight, fed the
+        # combine weights, so the same matmul adds sum_e combine[n, e] * up.bias[e].
         hidden = torch.cat([hidden.flatten(1), combine.to(hidden.dtype)], dim=1)  # N, E*H + E
-        up = torch.cat([*(u.weight for u in ups), torch.stack([u.bias for u in ups], dim=1)], dim=1)
-        return F.linear(hidden, up).to(x.dtype)  # N, D
+        up = torch.cat([self.up.weight.flatten(0, 1), self.up.bias])  # E*H + E, D
+        return torch.mm(hidden, up).to(x.dtype)  # N, D
+
+    def extra_repr(self) -> str:
+        num_experts, dim, hidden = self.down.weight.shape
+        return f"num_experts={num_experts}, dim={dim}, hidden={hidden}, dropout={self.dropout}"
+
+
+def _stack_per_expert_state(module: ExpertPool, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: convert the per-expert layout of older checkpoints,
+    ``experts.<e>.{down,up}.{weight,bias}`` with nn.Linear's (out, in) weights, into
+    the stacked parameters, in place. Incomplete sets are left for the load to report."""
+    old_prefix = f"{prefix}experts."
+    count = sum(key.startswith(old_prefix) for key in state_dict) // 4
+    names = [f"{layer}.{param}" for layer in ("down", "up") for param in ("weight", "bias")]
+    keys = {name: [f"{old_prefix}{e}.{name}" for e in range(count)] for name in names}
+    if count == 0 or not all(key in state_dict for group in keys.values() for key in group):
+        return
+    for name, group in keys.items():
+        tensors = [state_dict.pop(key) for key in group]
+        if name.endswith("weight"):
+            tensors = [t.t() for t in tensors]  # (out, in) -> (in, out)
+        state_dict[f"{prefix}{name}"] = torch.stack(tensors)
 
 
 class RouterOutput(NamedTuple):
-    logits: Tensor  # N, E fp32 router logits z
-    probs: Tensor  # N, E softmax(z) over all experts
-    selected: Tensor  # N, k long, top-k experts in descending logit order
-    weights: Tensor  # N, k softmax over the k selected logits
+    logits: Tensor  # ..., E fp32 router logits z
+    probs: Tensor  # ..., E softmax(z) over all experts
+    selected: Tensor  # ..., k long, top-k experts in descending logit order
+    weights: Tensor  # ..., k combine weights (see Router's `combine`)
 
 
 class Router(nn.Module):
@@ -226,11 +240,18 @@ class Router(nn.Module):
         gate: "modality+aux" (CoMoE: per-modality gates mixed with a shared
             auxiliary gate), "modality" (per-modality gates only) or "shared"
             (one gate for every modality).
-        aux_input: input of the auxiliary gate, "token" (the token itself) or
-            "prompt" (a learned per-layer D-vector, so the auxiliary logits
-            act as a learned bias). Only used by gate "modality+aux".
+        aux_input: input u of the auxiliary gate (only used by gate
+            "modality+aux"): "prompt" (a learned per-layer D-vector shared by
+            both modalities, so the auxiliary logits act as a learned bias),
+            "context" (the token's own sample's global token, passed to
+            `forward`) or "token" (the token itself: the mixed router is then
+            one linear map of the token, a reparameterised modality gate).
         mix_init: initial mixing weight a in (0, 1); a = sigmoid(alpha).
         num_modalities: number of modality-specific gates.
+        combine: combine weights of the k selected experts, "renorm" (softmax
+            over the k selected logits) or "prob" (their probabilities under the
+            softmax over all E logits, not renormalised; at k = 1 "renorm" gives
+            the constant 1, so only "prob" lets the task loss train the router).
     """
 
     def __init__(
@@ -239,15 +260,18 @@ class Router(nn.Module):
         num_experts: int,
         topk: int,
         gate: str = "modality+aux",
-        aux_input: str = "token",
+        aux_input: str = "prompt",
         mix_init: float = 0.5,
         num_modalities: int = len(MODALITIES),
+        combine: str = "renorm",
     ) -> None:
         super().__init__()
         if gate not in GATE_MODES:
             raise ValueError(f"unknown router gate {gate!r}; expected one of {GATE_MODES}")
         if aux_input not in AUX_INPUTS:
             raise ValueError(f"unknown router aux_input {aux_input!r}; expected one of {AUX_INPUTS}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown router combine {combine!r}; expected one of {COMBINE_MODES}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if not 1 <= topk <= num_experts:
@@ -261,6 +285,7 @@ class Router(nn.Module):
         self.gate = gate
         self.aux_input = aux_input
         self.num_modalities = num_modalities
+        self.combine = combine
 
         num_gates = 1 if gate == "shared" else num_modalities
         self.gates = nn.ModuleList(nn.Linear(dim, num_experts, bias=False) for _ in range(num_gates))
@@ -280,49 +305,63 @@ class Router(nn.Module):
         if self.aux_gate is not None:
             nn.init.normal_(self.aux_gate.weight, std=GATE_INIT_STD)
 
+    @property
+    def uses_context(self) -> bool:
+        """Whether `forward` needs each token's sample's global token."""
+        return self.aux_gate is not None and self.aux_input == "context"
+
     def mix_weight(self) -> Tensor | None:
         """The mixing weight a = sigmoid(alpha), or None without auxiliary gate."""
         return None if self.alpha is None else torch.sigmoid(self.alpha)
 
-    def logits(self, h: Tensor, modality: str | int) -> Tensor:
-        """Router logits z: (N, D) -> (N, E), computed in fp32."""
+    def logits(self, h: Tensor, modality: str | int, context: Tensor | None = None) -> Tensor:
+        """Router logits z: (..., D) -> (..., E), computed in fp32.
+
+        `context` (..., D), broadcastable to h: each token's sample's global token,
+        the auxiliary gate's input under aux_input "context" (ignored otherwise).
+        """
         m = modality_index(modality, self.num_modalities)
+        if self.uses_context and context is None:
+            raise ValueError("aux_input 'context' routes with each token's sample's global "
+                             "token; pass it as `context`")
         with torch.autocast(device_type=h.device.type, enabled=False):
             h = h.float()
             gate = self.gates[0 if self.gate == "shared" else m]
             if self.aux_gate is None:
-                return F.linear(h, gate.weight.float())  # N, E
+                return F.linear(h, gate.weight.float())  # ..., E
             a = torch.sigmoid(self.alpha.float())
-            if self.prompt is None:
+            if self.aux_input == "token":
                 # (1 - a) G_m(h) + a G_aux(h) is one linear map of h: mix the gates'
-                # weights (E x D) instead of their (N x E) logits, one matmul.
+                # weights (E x D) instead of their (... x E) logits, one matmul.
                 return F.linear(h, torch.lerp(gate.weight.float(), self.aux_gate.weight.float(), a))
-            aux = F.linear(self.prompt.float().unsqueeze(0), self.aux_gate.weight.float())  # 1, E
-            return torch.lerp(F.linear(h, gate.weight.float()), aux, a)  # N, E
+            u = self.prompt.unsqueeze(0) if self.aux_input == "prompt" else context  # 1 or ..., D
+            aux = F.linear(u.float(), self.aux_gate.weight.float())  # broadcasts against h's logits
+            return torch.lerp(F.linear(h, gate.weight.float()), aux, a)  # ..., E
 
-    def forward(self, h: Tensor, modality: str | int) -> RouterOutput:
-        """Route tokens h: (N, D) of one modality; see `RouterOutput` for shapes."""
-        z = self.logits(h, modality)  # N, E
-        top_logits, selected = z.topk(self.topk, dim=-1)  # N, k
-        return RouterOutput(
-            logits=z,
-            probs=z.softmax(dim=-1),
-            selected=selected,
-            weights=top_logits.softmax(dim=-1),
-        )
+    def forward(self, h: Tensor, modality: str | int, context: Tensor | None = None) -> RouterOutput:
+        """Route tokens h: (..., D) of one modality, each on its own; see `RouterOutput`
+        for shapes and `logits` for `context`."""
+        z = self.logits(h, modality, context)  # ..., E
+        probs = z.softmax(dim=-1)
+        top_logits, selected = z.topk(self.topk, dim=-1)  # ..., k
+        if self.combine == "renorm":
+            weights = top_logits.softmax(dim=-1)
+        else:
+            weights = probs.gather(-1, selected)
+        return RouterOutput(logits=z, probs=probs, selected=selected, weights=weights)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, topk={self.topk}, gate={self.gate!r}, "
-            f"aux_input={self.aux_input!r}"
+            f"aux_input={self.aux_input!r}, combine={self.combine!r}"
         )
 
 
 class MoETokenOutput(NamedTuple):
-    out: Tensor  # N, D combined expert outputs
+    out: Tensor  # ..., D combined expert outputs
     stats: RoutingStats
-    selected: Tensor  # N, k
-    weights: Tensor  # N, k
+    selected: Tensor  # ..., k
+    weights: Tensor  # ..., k
 
 
 class MoELayer(nn.Module):
@@ -339,42 +378,48 @@ class MoELayer(nn.Module):
         reduction: int = 8,
         dropout: float = 0.1,
         gate: str = "modality+aux",
-        aux_input: str = "token",
+        aux_input: str = "prompt",
         mix_init: float = 0.5,
         num_modalities: int = len(MODALITIES),
+        combine: str = "renorm",
     ) -> None:
         super().__init__()
-        self.router = Router(dim, num_experts, topk, gate, aux_input, mix_init, num_modalities)
+        self.router = Router(dim, num_experts, topk, gate, aux_input, mix_init, num_modalities,
+                             combine)
         self.expert_pool = ExpertPool(dim, num_experts, reduction, dropout)
 
-    def route_tokens(self, x: Tensor, modality: str | int,
-                     valid: Tensor | None = None) -> MoETokenOutput:
-        """Route a flat set of tokens x: (N, D) of one modality.
+    def route_tokens(self, x: Tensor, modality: str | int, valid: Tensor | None = None,
+                     context: Tensor | None = None) -> MoETokenOutput:
+        """Route tokens x: (..., D) of one modality.
 
-        `valid` (N,) bool marks the tokens that count; the others (padding) get a
-        zero output and are left out of the statistics. Returns the combined
-        expert output (N, D), this call's `RoutingStats` and the routing decision
-        (selected experts and combine weights, (N, k)).
+        `valid` (...) bool marks the tokens that count; the others (padding) get a
+        zero output and are left out of the statistics. `context` (..., D),
+        broadcastable to x, is each token's sample's global token (aux_input
+        "context" only). Returns the combined expert output (..., D), this call's
+        `RoutingStats` and the routing decision (selected experts and combine
+        weights, (..., k)).
         """
-        routing = self.router(x, modality)
-        out = self.expert_pool(x, routing.selected, routing.weights)  # N, D
-        probs = routing.probs  # N, E
+        routing = self.router(x, modality, context)
+        k, num_experts = self.router.topk, self.router.num_experts
+        out = self.expert_pool(x.reshape(-1, x.shape[-1]), routing.selected.reshape(-1, k),
+                               routing.weights.reshape(-1, k))  # N, D
+        probs = routing.probs.reshape(-1, num_experts)  # N, E
         with torch.no_grad():  # (one_hot would check the indices' range on the host)
-            picks = torch.zeros(x.shape[0], self.router.num_experts, device=x.device)
-            picks.scatter_(1, routing.selected, 1.0)  # N, E; top-k indices are distinct
+            picks = torch.zeros_like(probs)
+            picks.scatter_(1, routing.selected.reshape(-1, k), 1.0)  # N, E; top-k indices are distinct
         if valid is None:  # every token counts: no masking work
-            num_tokens = torch.full((), float(x.shape[0]), device=x.device)
+            num_tokens = torch.full((), float(probs.shape[0]), device=x.device)
         else:
-            mask = valid.to(torch.float32).unsqueeze(1)  # N, 1
+            mask = valid.reshape(-1, 1).to(torch.float32)  # N, 1
             out = out * mask.to(out.dtype)
             probs, picks = probs * mask, picks * mask
             num_tokens = mask.sum()
         stats = RoutingStats(prob_sum=probs.sum(dim=0), counts=picks.sum(dim=0),
                              num_tokens=num_tokens)
-        return MoETokenOutput(out, stats, routing.selected, routing.weights)
+        return MoETokenOutput(out.view(x.shape), stats, routing.selected, routing.weights)
 
-    def forward(self, x: Tensor, valid: Tensor | None,
-                modality: str | int) -> tuple[Tensor, RoutingStats]:
+    def forward(self, x: Tensor, valid: Tensor | None, modality: str | int,
+                global_pos: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
         """Route the valid tokens of a padded batch.
 
         Args:
@@ -382,12 +427,20 @@ class MoELayer(nn.Module):
             valid: (B, L) bool, True for real tokens, False for padding; None when
                 every token is real.
             modality: "image" or "text".
+            global_pos: (B,) long, position of each sample's global token (the
+                caption's end-of-text token); None: position 0 (the image CLS
+                token). Read only under aux_input "context".
 
         Returns:
             (B, L, D) MoE output, exactly zero at padded positions, and the
             layer's `RoutingStats` over the valid tokens. Every position is routed
             (fixed shapes, no host sync); padding is masked out afterwards.
         """
-        routed = self.route_tokens(x.flatten(0, 1), modality,
-                                   None if valid is None else valid.flatten())  # B*L, D
-        return routed.out.view(x.shape), routed.stats
+        context = None
+        if self.router.uses_context:  # each sample's own global token, never another's
+            if global_pos is None:
+                context = x[:, :1]  # B, 1, D
+            else:
+                context = x.gather(1, global_pos.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))  # B, 1, D
+        routed = self.route_tokens(x, modality, valid, context)
+        return routed.out, routed.stats

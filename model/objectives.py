@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from model.moe import RoutingStats
 
-__all__ = ["cmpm_loss", "coar_loss", "id_loss", "itc_loss", "js_divergence", "mlm_loss", "sdm_loss"]
+__all__ = ["BALANCE_MODES", "accuracy", "cmpm_loss", "coar_loss", "id_logits", "id_loss", "itc_loss",
+           "js_divergence",
+           "mlm_loss", "sdm_loss"]
 
 
 def _scaled_cosine(a: Tensor, b: Tensor, logit_scale: float | Tensor) -> Tensor:
@@ -89,18 +91,30 @@ def itc_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float | Tenso
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(image_to_text.t(), targets)) / 2
 
 
-def js_divergence(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of distributions over the last dim."""
+def js_divergence(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of distributions over the last dim.
+
+    Probabilities are clamped to at least `eps` first: at an exact 0 the gradient of
+    p log(p / m) is 0 * inf = NaN (an expert that a modality never gives any
+    probability, or a modality without tokens). The clamp changes the value by a
+    negligible amount (of order ``eps * E * log(1 / eps)``) and passes no gradient
+    to the clamped entries.
+    """
+    p, q = p.clamp(min=eps), q.clamp(min=eps)
     m = (p + q) / 2
     kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim=-1)
     kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(dim=-1)
     return (kl_pm + kl_qm) / 2
 
 
+BALANCE_MODES = ("joint", "per_modality")
+
+
 def coar_loss(
     image_stats: Sequence[RoutingStats],
     text_stats: Sequence[RoutingStats],
     lambda_align: float = 0.1,
+    balance: str = "joint",
 ) -> dict[str, Tensor]:
     """Collaboration-aware auxiliary regularisation of the MoE routers.
 
@@ -108,24 +122,32 @@ def coar_loss(
     chose expert e (``counts / counts.sum()``, no grad) and P^m_e the mean
     router probability of modality m (differentiable):
 
-    - balance = E * sum_e f_e * P_e with f = (f^image + f^text) / 2 and
+    - balance "joint" = E * sum_e f_e * P_e with f = (f^image + f^text) / 2 and
       P = (P^image + P^text) / 2, so each modality counts equally whatever its
       token count. It equals 1 when f and P are uniform (the minimum whenever
       f = P, by Cauchy-Schwarz) and E when every assignment and all the
-      probability mass go to one expert.
+      probability mass go to one expert. Modality-split routing (images on
+      experts {0, 1}, text on {2, 3}) also scores 1: the sum over modalities
+      is balanced.
+    - balance "per_modality" = (E * sum_e f^image_e P^image_e
+      + E * sum_e f^text_e P^text_e) / 2: each modality must use every expert,
+      so the split routing above scores E / 2.
     - align = JS(P^image, P^text), natural log, in [0, ln 2].
 
     Args:
         image_stats: one `RoutingStats` per MoE layer from the image pass.
         text_stats: the same layers from the text pass.
-        lambda_align: weight of the alignment term.
+        lambda_align: weight of the alignment term; at 0 it is not computed.
+        balance: "joint" or "per_modality", see above.
 
     Returns:
         {"total": sum over layers of balance + lambda_align * align (the term
-        to optimise), "balance": summed balance, "align": summed alignment}. The
-        parts are for logging; adding them to the loss again would count them
-        twice.
+        to optimise), "balance": summed balance, "align": summed alignment (a
+        constant 0 when lambda_align is 0)}. The parts are for logging; adding
+        them to the loss again would count them twice.
     """
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"unknown CoAR balance {balance!r}; expected one of {BALANCE_MODES}")
     if len(image_stats) != len(text_stats):
         raise ValueError(
             f"coar_loss needs one RoutingStats per layer for both modalities, got "
@@ -146,38 +168,79 @@ def coar_loss(
     # fixed number of ops whatever the depth.
     img, txt = RoutingStats.stack(image_stats), RoutingStats.stack(text_stats)
     p_img, p_txt = img.mean_probs().float(), txt.mean_probs().float()  # layers, E
-    f = (img.usage().float() + txt.usage().float()).detach() / 2  # layers, E
-    p = (p_img + p_txt) / 2  # layers, E
-    balance = img.num_experts * (f * p).sum()
+    f_img, f_txt = img.usage().float().detach(), txt.usage().float().detach()  # layers, E
+    if balance == "joint":
+        f, p = (f_img + f_txt) / 2, (p_img + p_txt) / 2  # layers, E
+        balance_term = img.num_experts * (f * p).sum()
+    else:
+        balance_term = img.num_experts * ((f_img * p_img).sum() + (f_txt * p_txt).sum()) / 2
+    if lambda_align == 0:
+        align = torch.zeros((), device=balance_term.device)
+        return {"total": balance_term, "balance": balance_term, "align": align}
     align = js_divergence(p_img, p_txt).sum()
-    return {"total": balance + lambda_align * align, "balance": balance, "align": align}
+    return {"total": balance_term + lambda_align * align, "balance": balance_term, "align": align}
 
 
-def id_loss(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
-    """Identity classification of both modalities through one shared classifier.
+def id_logits(classifier: nn.Linear, image_feats: Tensor, text_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Identity logits of both modalities through one shared classifier.
+
+    Args:
+        classifier: ``nn.Linear(D, num_classes)`` shared by images and texts.
+        image_feats: (B, D) image embeddings (not normalised).
+        text_feats: (B, D) text embeddings, paired with ``image_feats``.
+
+    Returns:
+        (B, C) image and (B, C) text logits in fp32, computed in the classifier's
+        dtype whatever the autocast state: fp32, or fp16 with IRRA's fp16 weights
+        (as IRRA does).
+    """
+    if image_feats.shape != text_feats.shape:
+        raise ValueError(
+            f"id_logits needs paired batches, got image {tuple(image_feats.shape)}, "
+            f"text {tuple(text_feats.shape)}"
+        )
+    dtype = classifier.weight.dtype
+    with torch.autocast(device_type=image_feats.device.type, enabled=False):
+        image_logits = classifier(image_feats.to(dtype)).float()  # B, C
+        text_logits = classifier(text_feats.to(dtype)).float()  # B, C
+    return image_logits, text_logits
+
+
+def id_loss(image_logits: Tensor, text_logits: Tensor, pids: Tensor) -> Tensor:
+    """Identity classification of both modalities (logits from `id_logits`).
 
     The instance loss of Zheng et al. (arXiv:1711.05535) as IRRA uses it: the
     mean, not the sum, of the image and text cross-entropies, so the term has
     the scale of one cross-entropy whatever the number of modalities.
 
     Args:
-        classifier: ``nn.Linear(D, num_classes)`` shared by images and texts.
-        image_feats: (B, D) image embeddings (not normalised).
-        text_feats: (B, D) text embeddings.
-        pids: (B,) identity labels in [0, num_classes).
+        image_logits: (B, C) image logits.
+        text_logits: (B, C) text logits.
+        pids: (B,) identity labels in [0, C).
 
     Returns:
-        () loss. The logits are computed in fp32 whatever the autocast state.
+        () loss.
     """
-    if image_feats.shape != text_feats.shape or pids.shape != image_feats.shape[:1]:
+    if image_logits.shape != text_logits.shape or pids.shape != image_logits.shape[:1]:
         raise ValueError(
-            f"id_loss needs paired batches, got image {tuple(image_feats.shape)}, "
-            f"text {tuple(text_feats.shape)}, pids {tuple(pids.shape)}"
+            f"id_loss needs paired batches, got image logits {tuple(image_logits.shape)}, "
+            f"text logits {tuple(text_logits.shape)}, pids {tuple(pids.shape)}"
         )
-    with torch.autocast(device_type=image_feats.device.type, enabled=False):
-        image_logits = classifier(image_feats.float())  # B, C
-        text_logits = classifier(text_feats.float())  # B, C
     return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
+
+
+def accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Share of rows whose top logit is the label, over rows not labelled
+    ``ignore_index``: a () fp32 tensor on the logits' device (no host sync; 0 when
+    every row is ignored).
+
+    Args:
+        logits: (N, C) scores.
+        labels: (N,) class ids, or ``ignore_index``.
+    """
+    counted = labels != ignore_index
+    correct = (logits.argmax(dim=-1) == labels) & counted
+    return correct.sum().float() / counted.sum().clamp(min=1).float()
 
 
 def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, epsilon: float = 1e-8) -> Tensor:

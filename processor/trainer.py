@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,13 +17,16 @@ from torch import nn
 
 from datasets import BadImageError
 from utils import comm
-from utils.checkpoint import (atomic_save, capture_rng_state, load_checkpoint,
-                              load_model_state, restore_rng_state)
+from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state,
+                              load_model_state, restore_rng_state, sweep_temporaries)
 from utils.config import to_plain
+from utils.errors import StopRequested, UserError
+from utils.logger import Progress
 from utils.meter import MeterDict
 from utils.misc import autocast
+from utils.signals import stop_signals_blocked
 
-from .evaluator import evaluate
+from .evaluator import evaluate, metrics_table
 
 logger = logging.getLogger("comoe")
 
@@ -29,12 +35,33 @@ logger = logging.getLogger("comoe")
 MODEL_INPUTS = ("images", "caption_ids", "pids", "image_ids")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived; the trainer saved a checkpoint and stops."""
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """The weights themselves are nan/inf: they are never saved as a resumable state."""
+
+
+# What a checkpoint needs to continue a run (best.pth-style weights are not enough).
+RESUME_KEYS = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int,
+               "batch_in_epoch": int, "global_step": int, "best_metric": float,
+               "best_epoch": int, "rng": dict, "config": dict}
+
+
+def check_resumable(ckpt: dict, source: str) -> None:
+    """Raise CheckpointError unless `ckpt` holds everything `Trainer.resume` reads."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{source} cannot continue a run: it has no {', '.join(missing)} (it holds "
+            f"{', '.join(sorted(map(str, ckpt)))}). resume=true needs a last.pth written by "
+            f"train.py, which carries the optimizer, schedule, counters and RNG states.")
+    wrong = [f"{k} is {type(ckpt[k]).__name__}" for k, kind in RESUME_KEYS.items()
+             if not isinstance(ckpt[k], (int, float) if kind is float else kind)
+             or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise CheckpointError(f"{source} is damaged or not from train.py: {', '.join(wrong)}")
 
 
 class Trainer:
@@ -42,6 +69,9 @@ class Trainer:
 
     Counters: `epoch` (0-based, the epoch in progress), `batch_in_epoch` (batches
     of that epoch already trained) and `global_step` (optimizer steps so far).
+    `validation_pending`: the epoch before `epoch` is trained and saved but not yet
+    validated (last.pth is written before validation, so a crash in it loses no
+    training, and a run resumed from there validates that epoch first).
     """
 
     def __init__(self, cfg, model: nn.Module, train_loader, val_loaders, optimizer, scheduler,
@@ -64,18 +94,22 @@ class Trainer:
         self.global_step = 0
         self.best_metric = -math.inf
         self.best_epoch = -1
+        self.validation_pending = False
         self.nonfinite_steps = 0
         self.accumulation_steps = cfg.solver.accumulation_steps
         self._stop_signal: int | None = None
+        self._saved_at: str | None = None  # where last.pth stands, for error messages
         # Fused optimizers can skip a step on the device; see `_step`.
         self.skip_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self._bad_count: torch.Tensor | None = None  # device counters of skipped steps
         self._bad_step = self._bad_terms = None
         self._bad_keys: list[str] = []
         self._bad_reported = 0
+        self._run_start: tuple[float, int] | None = None  # (time, global_step) of train()
 
     # -- checkpoints --------------------------------------------------------
     def state(self) -> dict:
+        """The full training state (last.pth): everything `resume` restores."""
         return {
             "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -86,25 +120,67 @@ class Trainer:
             "global_step": self.global_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "validation_pending": self.validation_pending,
             "nonfinite_steps": self.nonfinite_steps + self._unreported_nonfinite(),
             "num_classes": self.num_classes,
             "rng": capture_rng_state(),
             "config": to_plain(self.cfg),
         }
 
+    def model_state(self, metrics: dict | None = None) -> dict:
+        """What evaluating the model needs (best.pth): its weights, the config, the epoch,
+        the number of identity classes and the validation metrics it was chosen on."""
+        return {
+            "model": self.core.state_dict(),
+            "config": to_plain(self.cfg),
+            "epoch": self.epoch,
+            "num_classes": self.num_classes,
+            "metrics": metrics,
+        }
+
     def _unreported_nonfinite(self) -> int:
         return 0 if self._bad_count is None else int(self._bad_count) - self._bad_reported
 
-    def save(self, name: str) -> Path | None:
-        if not comm.is_main_process():
-            return None
-        path = self.run_dir / name
-        atomic_save(self.state(), path)
-        return path
+    def _position(self) -> str:
+        return f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.global_step}"
 
-    def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        load_model_state(self.core, ckpt, to_plain(self.cfg), source=str(path))
+    def save(self, name: str, state: dict | None = None) -> Path | None:
+        """Write `state` (default: the full training state) to run_dir/name atomically on
+        rank 0, then remove temporary files that interrupted writes left there.
+        Non-finite weights are refused on every rank (DDP keeps them equal), so all ranks
+        stop together and last.pth keeps the last finite state."""
+        self._check_finite_weights(name)
+        path = self.run_dir / name
+        if comm.is_main_process():
+            atomic_save(self.state() if state is None else state, path)
+            sweep_temporaries(self.run_dir)
+            logger.info("saved %s at step %d", path, self.global_step)
+        if name == "last.pth":
+            self._saved_at = self._position()
+        return path if comm.is_main_process() else None
+
+    def _check_finite_weights(self, name: str) -> None:
+        tensors = {k: v for k, v in self.core.state_dict().items()
+                   if v.is_floating_point() and v.numel()}
+        # Each tensor's largest magnitude (one multi-tensor pass): nan or inf exactly when
+        # one of its entries is.
+        peaks = torch._foreach_norm(list(tensors.values()), float("inf"))
+        finite = torch.isfinite(torch.stack([p.float() for p in peaks]))
+        if bool(finite.all()):
+            return
+        bad = [k for k, ok in zip(tensors, finite.tolist()) if not ok]
+        kept = (f"{self.run_dir / 'last.pth'} still holds the state of {self._saved_at}"
+                if self._saved_at else "the run has no last.pth yet")
+        raise NonFiniteWeightsError(
+            f"the weights are not finite at {self._position()} ({len(bad)} tensors, e.g. "
+            f"{bad[0]}), so {name} was not written ({kept}). Diverging weights usually mean "
+            f"too large a learning rate (solver.lr={self.cfg.solver.lr}); a resumed run keeps "
+            f"its lr, so start a new run (name=...) with a lower solver.lr or with "
+            f"solver.grad_clip set.")
+
+    def resume(self, ckpt: dict, source: str) -> None:
+        """Continue from a checkpoint that passed `check_resumable`."""
+        load_model_state(self.core, ckpt, to_plain(self.cfg), source=source)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -114,17 +190,25 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         self.best_metric = ckpt["best_metric"]
         self.best_epoch = ckpt["best_epoch"]
+        self.validation_pending = bool(ckpt.get("validation_pending", False))
         self.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
         restore_rng_state(ckpt["rng"])
-        logger.info("resumed from %s: epoch %d, batch %d, step %d, best val R1 %.2f",
-                    path, self.epoch + 1, self.batch_in_epoch, self.global_step,
-                    self.best_metric)
+        self._saved_at = self._position()
+        logger.info("resumed from %s: %s, best val R1 %.2f%s", source, self._position(),
+                    self.best_metric,
+                    f"; validating epoch {self.epoch} first" if self.validation_pending else "")
 
     # -- signals ------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        """Only note the signal: it can arrive inside a log call, and logging from here
+        would re-enter it. A direct write to stderr says it was heard; train.log gets
+        the stop when it is carried out."""
         self._stop_signal = signum
-        logger.warning("received %s: finishing the current step, then saving last.pth",
-                       signal.Signals(signum).name)
+        note = f"\nreceived {signal.Signals(signum).name}: finishing the current step, then saving\n"
+        try:
+            os.write(sys.stderr.fileno(), note.encode())
+        except (OSError, ValueError):  # no usable stderr
+            pass
 
     def _install_signal_handlers(self):
         previous = {}
@@ -136,8 +220,10 @@ class Trainer:
         return previous
 
     # -- one step -----------------------------------------------------------
-    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
-        """Loss terms of one (micro-)batch, backpropagated with weight 1/accumulation_steps.
+    def _forward_backward(self, batch: dict, sync: bool, weight: float
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Loss terms (and their sum, `loss`) and training accuracies of one
+        (micro-)batch, the loss backpropagated with `weight` (its share of the step's batch).
 
         `sync=False` skips DDP's gradient all-reduce inside an accumulation group.
         Nothing here waits for the device; `_step` handles finiteness.
@@ -151,30 +237,43 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if not sync and no_sync is not None else contextlib.nullcontext():
             with autocast(self.device, self.cfg.solver.precision):
-                losses = self.model(batch)
+                losses, metrics = self.model(batch, return_metrics=True)
             total = sum(losses.values())
-            scaled = total / self.accumulation_steps
+            scaled = total * weight
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}
+        return {k: v.detach() for k, v in losses.items()} | {"loss": total.detach()}, metrics
 
-    def _step(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _step(self, batch: dict
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over a loaded batch, in `accumulation_steps` micro-batches.
 
-        Returns the micro-batch-averaged loss terms and a device flag, True when they
-        and the gradients are finite. A non-finite step makes no update. With a fused
+        Each micro-batch's loss counts by its share of the batch, so that for per-sample
+        losses the step is the whole batch's, also when the batch does not split evenly
+        (the last, smaller batch of an epoch under dataset.drop_last=false; one smaller
+        than accumulation_steps gives one micro-batch per sample).
+
+        Returns the micro-batch-averaged loss terms (weighted by size), a device flag,
+        True when they and the gradients are finite, and the micro-batch-averaged
+        training accuracies. A non-finite step makes no update. With a fused
         optimizer the skip happens on the device (the optimizer reads a `found_inf`
         flag, as under AMP loss scaling), so the step never waits for the device; the
         host learns of skipped steps at the next log line (`_check_nonfinite`).
         Otherwise the flag is read here, which costs nothing on the CPU.
         """
-        count = self.accumulation_steps
         totals: dict[str, torch.Tensor] = {}
-        chunks = {k: v.chunk(count) for k, v in batch.items()}
-        for i in range(count):
-            micro = {k: parts[i] for k, parts in chunks.items()}
-            losses = self._forward_backward(micro, sync=i == count - 1)
-            for key, value in losses.items():
-                totals[key] = totals[key] + value / count if key in totals else value / count
+        metrics: dict[str, torch.Tensor] = {}
+        size = len(batch["pids"])
+        parts = {k: v.tensor_split(self.accumulation_steps) for k, v in batch.items()}
+        micro_batches = [micro for micro in ({k: p[i] for k, p in parts.items()}
+                                             for i in range(self.accumulation_steps))
+                         if len(micro["pids"])]
+        for i, micro in enumerate(micro_batches):
+            weight = len(micro["pids"]) / size
+            losses, micro_metrics = self._forward_backward(micro, sync=i == len(micro_batches) - 1,
+                                                           weight=weight)
+            for sums, values in ((totals, losses), (metrics, micro_metrics)):
+                for key, value in values.items():
+                    sums[key] = sums[key] + value * weight if key in sums else value * weight
         finite = torch.isfinite(totals["loss"])
         if comm.get_world_size() > 1:  # every rank skips the same steps (queued, no wait)
             finite = finite.to(torch.int32)
@@ -192,18 +291,21 @@ class Trainer:
             self._optimizer_step(None)
         else:
             self._nonfinite_now(totals)
-        return totals, finite
+        return totals, finite, metrics
 
     def _clip_gradients(self) -> torch.Tensor:
         """The total gradient norm (one multi-tensor pass), clipped to solver.grad_clip
-        when that is set. On the device: no host sync."""
-        clip = self.cfg.solver.grad_clip
-        if clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.core.parameters(), clip)
+        when that is set. On the device: no host sync. The norms are taken in fp32: with
+        IRRA's fp16 weights the gradients are fp16, and a per-tensor norm above 65504
+        would read as inf there and skip a finite step."""
         grads = [p.grad for p in self.core.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.stack(torch._foreach_norm(grads)).norm()
+        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).norm()
+        clip = self.cfg.solver.grad_clip
+        if clip > 0:  # as torch.nn.utils.clip_grad_norm_ does, from the fp32 norm
+            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+        return total
 
     def _optimizer_step(self, finite: torch.Tensor | None) -> None:
         """Step and schedule (under fp16: unscale and clip first). `finite` (a device
@@ -275,35 +377,52 @@ class Trainer:
         more = f" ({new} non-finite steps from there to step {self.global_step - 1})" if new > 1 else ""
         raise NonFiniteLossError(
             f"non-finite loss or gradient at epoch {self.epoch + 1}, step {step}: {terms}{more}. "
-            f"The last good state is in {path} (such steps make no update). "
-            f"Lower solver.lr, use solver.precision=fp32 or bf16, set solver.grad_clip, or "
-            f"allow skips with solver.max_nonfinite_steps=N.")
+            f"The last good state is in {path} (such steps make no update). Resume it "
+            f"(resume=true) with solver.precision=fp32 or bf16, solver.grad_clip set, or skips "
+            f"allowed by solver.max_nonfinite_steps=N; or start a new run with a lower "
+            f"solver.lr (a resumed run keeps its lr).")
 
     # -- loop ---------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.cfg
-        num_epoch = cfg.solver.num_epoch
+        """Train the remaining epochs. Each epoch ends by saving last.pth, then (when
+        due) validating and saving again; a stop signal takes effect at the next step
+        or right after one of these saves."""
+        num_epoch = self.cfg.solver.num_epoch
         sampler = self.train_loader.batch_sampler
+        if comm.is_main_process():
+            sweep_temporaries(self.run_dir)
         previous_handlers = self._install_signal_handlers()
+        self._run_start = (time.perf_counter(), self.global_step)
         try:
-            while self.epoch < num_epoch:
-                self._train_epoch(sampler)
-                self.batch_in_epoch = 0
-                self.epoch += 1
-                if self.val_loaders is not None and (self.epoch % cfg.eval.period == 0
-                                                     or self.epoch == num_epoch):
-                    self._validate()
-                self.save("last.pth")
+            while self.epoch < num_epoch or self.validation_pending:
+                if not self.validation_pending:
+                    self._train_epoch(sampler)
+                    self.batch_in_epoch = 0
+                    self.epoch += 1
+                    self.validation_pending = self._validation_due()
+                    self.save("last.pth")
+                    self._leave_if_stop_requested()
+                if self.validation_pending:
+                    # Workers start with the stop signals blocked (see utils.signals).
+                    with stop_signals_blocked():
+                        self._validate()
+                    self.save("last.pth")
+                    self._leave_if_stop_requested()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+
+    def _validation_due(self) -> bool:
+        every, num_epoch = self.cfg.eval.period, self.cfg.solver.num_epoch
+        return self.val_loaders is not None and (self.epoch % every == 0
+                                                 or self.epoch == num_epoch)
 
     def _train_epoch(self, sampler) -> None:
         cfg = self.cfg
         sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         steps = len(self.train_loader) + self.batch_in_epoch
         meters = MeterDict()
-        running: dict[str, torch.Tensor] = {}  # loss sums since the last log line, on device
+        running: dict[str, torch.Tensor] = {}  # loss/accuracy sums since the last log line, on device
         running_steps = 0
         replaced_images = 0
         self.model.train()
@@ -311,7 +430,8 @@ class Trainer:
         epoch_samples = interval_samples = 0  # this rank's; every rank has as many
         data_wait = 0.0  # seconds this rank waited for the loader since the last log line
         progress = self._progress(steps)
-        batches = iter(self.train_loader)
+        with stop_signals_blocked():  # workers start here (see utils.signals)
+            batches = iter(self.train_loader)
         while True:
             bad_image = None
             wait_start = time.perf_counter()
@@ -338,13 +458,14 @@ class Trainer:
                 self._stop(progress)
             if "replaced_images" in batch:
                 replaced_images += int(batch["replaced_images"].sum())
-            losses, finite = self._step(batch)
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's; the step moves the schedule
+            losses, finite, metrics = self._step(batch)
             epoch_samples += len(batch["pids"])
             interval_samples += len(batch["pids"])
             self.batch_in_epoch += 1
             self.global_step += 1  # skipped steps count too (their schedule step was taken)
             # Sums of finite steps only, kept on the device until the log line.
-            for key, value in losses.items():
+            for key, value in (losses | metrics).items():
                 value = torch.where(finite, value, 0.0)
                 running[key] = running[key] + value if key in running else value
             running_steps = running_steps + finite.long()
@@ -358,16 +479,14 @@ class Trainer:
                 if count:
                     values = {k: v / count for k, v in _mean_over_ranks(running).items()}
                     meters.update(values, count)
-                    self._log_step(values, steps, **speed)
+                    self._log_step(values, list(metrics), steps, lr, **speed)
                 running, running_steps = {}, 0
                 interval_start, interval_samples, data_wait = now, 0, 0.0
-            if progress is not None:
-                progress.update(1)
+            progress.update(1)
             every = cfg.checkpoint.every_n_steps
             if every and self.global_step % every == 0 and self.batch_in_epoch < steps:
                 self.save("last.pth")
-        if progress is not None:
-            progress.close()
+        progress.close()
         elapsed = time.perf_counter() - start
         logger.info("epoch %d/%d done in %.1fs (%.1f samples/s): %s", self.epoch + 1,
                     cfg.solver.num_epoch, elapsed,
@@ -379,38 +498,56 @@ class Trainer:
 
     def _stop(self, progress) -> None:
         """A stop signal reached some rank: save and leave, all ranks together."""
-        path = self.run_dir / "last.pth"
         self.save("last.pth")
         if progress is not None:
             progress.close()
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        self._leave()
+
+    def _leave_if_stop_requested(self) -> None:
+        """At an epoch end, right after last.pth was saved."""
+        if comm.any_rank(self._stop_signal is not None)[0]:
+            self._leave()
+
+    def _leave(self) -> None:
+        # Another rank may have been signalled instead: report SIGTERM then.
+        signum = self._stop_signal or signal.SIGTERM
+        pending = (f" (the validation of epoch {self.epoch} runs first when resumed)"
+                   if self.validation_pending else "")
         raise StopRequested(
-            f"stopped by {name} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}; state "
-            f"saved to {path}. Resume with: python train.py --config_file "
-            f"{self.run_dir / 'configs.yaml'} resume=true")
+            f"stopped by {signal.Signals(signum).name} at {self._position()}; state saved to "
+            f"{self.run_dir / 'last.pth'}{pending}. Resume with: python train.py "
+            f"--config_file {self.run_dir / 'configs.yaml'} resume=true", signum)
 
-    def _progress(self, steps: int):
-        if not comm.is_main_process():
-            return None
-        from tqdm import tqdm
-        return tqdm(total=steps, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
-                    desc=f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}")
+    def _progress(self, steps: int) -> Progress:
+        return Progress(steps, f"epoch {self.epoch + 1}/{self.cfg.solver.num_epoch}",
+                        initial=self.batch_in_epoch, rank=comm.get_rank())
 
-    def _log_step(self, values: dict[str, float], steps: int, samples_per_s: float,
-                  data_wait: float) -> None:
-        """A log line: loss terms, then since the last line the throughput (all ranks,
-        data loading included) and the share of the time rank 0 waited for the data
-        loader (high: the loader is the bottleneck), and, on CUDA, this process's peak
-        allocated memory."""
-        lr = self.optimizer.param_groups[0]["lr"]
+    def _eta(self, steps_per_epoch: int) -> str:
+        """Time left for the whole run (validations included) at the pace of this
+        process so far, as H:MM:SS."""
+        start_time, start_step = self._run_start
+        done = self.global_step - start_step
+        left = self.cfg.solver.num_epoch * steps_per_epoch - self.global_step
+        seconds = (time.perf_counter() - start_time) / max(done, 1) * max(left, 0)
+        return str(datetime.timedelta(seconds=round(seconds)))
+
+    def _log_step(self, values: dict[str, float], metric_names: list[str], steps: int,
+                  lr: float, samples_per_s: float, data_wait: float) -> None:
+        """A log line: the lr the last step used, loss terms, training accuracies (if
+        any), then since the last line the throughput (all ranks, data loading
+        included) and the share of the time rank 0 waited for the data loader (high:
+        the loader is the bottleneck), on CUDA this process's peak allocated memory,
+        and the run's ETA."""
         speed = f"{samples_per_s:.1f} samples/s, data wait {data_wait:.0%}"
         memory = None
         if self.device.type == "cuda":
             memory = torch.cuda.max_memory_allocated(self.device) / 2**30
             speed += f", {memory:.2f} GiB peak"
-        logger.info("epoch %d [%d/%d] step %d lr %.2e %s | %s", self.epoch + 1, self.batch_in_epoch,
-                    steps, self.global_step, lr,
-                    " ".join(f"{k}={v:.4f}" for k, v in values.items()), speed)
+        speed += f", eta {self._eta(steps)}"
+        terms = [" ".join(f"{k}={v:.4f}" for k, v in values.items() if k not in metric_names),
+                 " ".join(f"{k}={values[k]:.4f}" for k in metric_names), speed]
+        logger.info("epoch %d [%d/%d] step %d lr %.2e %s", self.epoch + 1, self.batch_in_epoch,
+                    steps, self.global_step, lr, " | ".join(t for t in terms if t))
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"train/{key}", value, self.global_step)
@@ -423,27 +560,32 @@ class Trainer:
     def _validate(self) -> None:
         image_loader, text_loader = self.val_loaders
         result = evaluate(self.model, image_loader, text_loader, self.device,
-                          self.cfg.solver.precision)
+                          self.cfg.solver.precision, desc=f"epoch {self.epoch} validation")
+        self.validation_pending = False
         if not comm.is_main_process():
             return
         r1 = result["t2i"]["R1"]
-        logger.info("epoch %d validation t2i: %s", self.epoch,
-                    " ".join(f"{k}={v:.2f}" for k, v in result["t2i"].items()))
+        best = r1 > self.best_metric
+        logger.info("epoch %d validation (%s):\n%s", self.epoch, "new best R1" if best else
+                    f"best: R1 {self.best_metric:.2f} at epoch {self.best_epoch}",
+                    metrics_table(result))
         if self.tb is not None:
             for key, value in result["t2i"].items():
                 self.tb.add_scalar(f"val/{key}", value, self.epoch)
             log_expert_usage(self.tb, result.get("experts"), self.epoch, prefix="val")
-        if r1 > self.best_metric:
+        if best:
             self.best_metric, self.best_epoch = r1, self.epoch
-            self.save("best.pth")
-            logger.info("new best val R1 %.2f at epoch %d -> best.pth", r1, self.epoch)
+            self.save("best.pth", self.model_state({"split": "val", "t2i": result["t2i"]}))
 
 
 def log_expert_usage(tb, experts: dict | None, step: int, prefix: str) -> None:
+    """Expert usage and entropy per layer in TensorBoard. Layers are numbered from 1
+    and experts from 0, as in the figures of utils/visualization.py."""
     if tb is None or not experts:
         return
     for modality, summary in experts.items():
-        for layer, (usage, entropy) in enumerate(zip(summary["usage"], summary["entropy"])):
+        for layer, (usage, entropy) in enumerate(zip(summary["usage"], summary["entropy"]),
+                                                 start=1):
             tb.add_scalar(f"{prefix}/experts/{modality}_entropy_layer{layer}", entropy, step)
             for expert, share in enumerate(usage):
                 tb.add_scalar(f"{prefix}/experts/{modality}_layer{layer}_expert{expert}", share,

@@ -21,27 +21,43 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, warmup_factor:
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_multiplier(step: int, total_steps: int, warmup_steps: float,
+                        warmup_factor: float = 0.1, min_factor: float = 0.0,
+                        steps_per_unit: int = 1) -> float:
+    """The multiplier `WarmupCosineSchedule` (same arguments) applies at optimizer step
+    `step`: `lr_multiplier` of the step's unit (the step itself, or its epoch)."""
+    return lr_multiplier(step // steps_per_unit, total_steps, warmup_steps, warmup_factor,
+                         min_factor)
+
+
 class WarmupCosineSchedule:
-    """Sets every param group's lr to `group["base_lr"] * lr_multiplier(step)`.
+    """Sets every param group's lr to `group["base_lr"] * lr_multiplier(unit)`, where
+    unit = step // steps_per_unit: the step itself, or with `steps_per_unit` =
+    steps per epoch the epoch of the step (IRRA's schedule, stepped once per epoch;
+    `total_steps` and `warmup_steps` then count epochs).
 
     Its only state is the step, so a resumed run continues the same curve.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                 warmup_factor: float = 0.1, min_factor: float = 0.0) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: float,
+                 warmup_factor: float = 0.1, min_factor: float = 0.0,
+                 steps_per_unit: int = 1) -> None:
+        if steps_per_unit < 1:
+            raise ValueError(f"steps_per_unit must be >= 1, got {steps_per_unit}")
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.warmup_factor = warmup_factor
         self.min_factor = min_factor
+        self.steps_per_unit = steps_per_unit
         self.step_count = 0
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self._apply()
 
     def multiplier(self) -> float:
-        return lr_multiplier(self.step_count, self.total_steps, self.warmup_steps,
-                             self.warmup_factor, self.min_factor)
+        return schedule_multiplier(self.step_count, self.total_steps, self.warmup_steps,
+                                   self.warmup_factor, self.min_factor, self.steps_per_unit)
 
     def _apply(self) -> None:
         factor = self.multiplier()
@@ -54,7 +70,7 @@ class WarmupCosineSchedule:
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps}
+                "warmup_steps": self.warmup_steps, "steps_per_unit": self.steps_per_unit}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])

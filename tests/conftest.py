@@ -1,11 +1,19 @@
 """Shared fixtures: a small generated dataset and tiny-model config overrides."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Without a usable GPU, an exported CUDA_VISIBLE_DEVICES=0 makes device=auto refuse to
+# start (utils.misc.resolve_device); here it would only stop the tests, and every
+# process they start inherits this environment. tests/test_device.py sets it itself.
+if not torch.cuda.is_available():
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
 # A CLIP small enough to train for a few steps on CPU in seconds.
 TINY_MODEL = [
@@ -14,6 +22,15 @@ TINY_MODEL = [
     "vision_heads: 2, text_width: 32, text_layers: 1, text_heads: 2, context_length: 24}",
     "dataset.text_length=24", "moe.layers=1", "moe.heads=2", "moe.reduction=4",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _close_logging():
+    """Each test starts without the console handler a previous run installed: it would
+    still write to that test's (by then closed) captured stdout."""
+    yield
+    from utils.logger import close_logger
+    close_logger()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from model.mlm import IGNORE_INDEX, MLMHead, mask_caption_tokens, mlm_capacity, mlm_positions
-from model.objectives import cmpm_loss, id_loss, mlm_loss
+from model.objectives import accuracy, cmpm_loss, id_logits, id_loss, mlm_loss
 from utils.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID
 
 
@@ -254,13 +254,22 @@ def test_id_loss_matches_hand_computation():
             total -= _log_softmax_at(logits, y)
         return total / len(feats)
 
-    got = id_loss(classifier, img, txt, pids)
+    got = id_loss(*id_logits(classifier, img, txt), pids)
     assert got.dim() == 0 and got.dtype == torch.float32
     assert got.item() == pytest.approx((ce(img) + ce(txt)) / 2, rel=1e-5)
     got.backward()
     assert classifier.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="paired"):
-        id_loss(classifier, img, txt[:4], pids)
+        id_logits(classifier, img, txt[:4])
+    with pytest.raises(ValueError, match="paired"):
+        id_loss(*id_logits(classifier, img, txt), pids[:4])
+
+
+def test_accuracy_counts_top1_hits_over_labelled_rows():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [5.0, 0.0, 0.0], [0.0, 9.0, 0.0]])
+    labels = torch.tensor([0, 1, IGNORE_INDEX, 1])
+    assert accuracy(logits, labels).item() == pytest.approx(2 / 3)  # rows 0 and 3 of 0, 1, 3
+    assert accuracy(logits, torch.full((4,), IGNORE_INDEX)).item() == 0.0
 
 
 # -- CMPM -----------------------------------------------------------------------

@@ -89,3 +89,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads["true"].keys() == grads["false"].keys()
     for name, grad in grads["false"].items():
         torch.testing.assert_close(grads["true"][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_training_accuracies_come_apart_from_the_loss_terms():
+    cfg = _tiny_cfg("model.head=none", "model.embed=global", "loss.names=sdm+mlm+id",
+                    "model.cmt_depth=1")
+    model = build_model(cfg, num_classes=3)
+    batch = _batch(cfg)
+    with torch.no_grad():  # identities the classifier gets right for 3 of the 4 images
+        predicted = model.classifier(model.encode_image(batch["images"])).argmax(-1)
+    batch["pids"] = torch.cat([predicted[:3], (predicted[3:] + 1) % 3])
+    losses, metrics = model(batch, return_metrics=True)
+    assert set(losses) == set(model(batch)) == {"sdm", "mlm", "id"}  # no accuracy among them
+    assert set(metrics) == {"img_acc", "txt_acc", "mlm_acc"}
+    assert metrics["img_acc"].item() == pytest.approx(0.75)
+    assert all(not v.requires_grad and 0 <= v.item() <= 1 for v in metrics.values())

@@ -1,5 +1,10 @@
+import errno
+import io
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +13,8 @@ from torch import nn
 
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state, load_checkpoint,
-                              load_model_state, restore_rng_state)
+                              load_model_state, payload_bytes, restore_rng_state,
+                              sweep_temporaries)
 
 
 def test_atomic_save_keeps_previous_file_when_write_fails(tmp_path, monkeypatch):
@@ -20,12 +26,79 @@ def test_atomic_save_keeps_previous_file_when_write_fails(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointError, match="disk full at"):
         atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     monkeypatch.undo()
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # no temporary file left behind
+
+
+def fills_up_after(limit: int, error: int):
+    """An `open` whose files raise OSError(`error`) once `limit` bytes were written, as a
+    full disk (ENOSPC) or an exhausted quota (EDQUOT) does."""
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > limit:
+                raise OSError(error, os.strerror(error))
+            return super().write(data)
+
+    return lambda path, mode: Full(path, mode)
+
+
+@pytest.mark.parametrize("error, reason", [(errno.ENOSPC, "disk full"),
+                                           (errno.EDQUOT, "disk quota exceeded")])
+def test_full_disk_says_where_and_how_much_space_is_needed(tmp_path, monkeypatch, error, reason):
+    path = tmp_path / "last.pth"
+    atomic_save({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    big = {"model": {"w": torch.zeros(2_500_000), "view": torch.zeros(2_500_000)[:10]}, "epoch": 2}
+    assert payload_bytes(big) == 2 * 10_000_000
+    monkeypatch.setattr(ckpt_mod, "open", fills_up_after(1 << 20, error), raising=False)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save(big, path)
+    message = str(info.value)
+    assert message.startswith(f"{reason} at {path}: 20.0 MB needed, ") and " free" in message
+    assert "the previous last.pth is unchanged" in message and "\n" not in message
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]
+
+
+def test_write_failure_without_errno_is_disk_full_only_when_space_is_short(tmp_path, monkeypatch):
+    def broken_save(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:
+        atomic_save({"model": {"w": torch.ones(1000)}}, tmp_path / "best.pth")
+    assert not isinstance(info.value, CheckpointError)  # plenty of space: the error as it was
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(
+        10**12, 10**12 - 100, 100))
+    with pytest.raises(CheckpointError, match=r"disk full at .*best\.pth: 1\.0 MB needed, 0\.0 MB "
+                                              r"free\. Free some space"):
+        atomic_save({"model": {"w": torch.ones(250_000)}}, tmp_path / "best.pth")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_removes_temporaries_of_writers_that_are_gone(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {f".last.pth.tmp-{gone.pid}": True, f".best.pth.tmp-{os.getpid()}": True,
+                 f".last.pth.tmp-{alive.pid}": False, "last.pth": False, ".hidden": False,
+                 f"last.pth.tmp-{gone.pid}": False, f".last.pth.tmp-{gone.pid}x": False}
+        for name in names:
+            (tmp_path / name).write_bytes(b"partial")
+        removed = sweep_temporaries(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, stale in names.items() if not stale)
 
 
 class Payload:

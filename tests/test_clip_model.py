@@ -4,17 +4,23 @@ parity with open_clip's ViT-B-16-quickgelu (CPU, fp32)."""
 import hashlib
 import io
 import math
+import pickle
 import urllib.error
 import warnings
+import zipfile
+from typing import List, Tuple
 
 import pytest
 import torch
+from torch import nn
 
 from model import clip_model
 from model.clip_model import (
     CLIP, CheckpointMismatchError, PretrainedWeightsUnavailable, build_clip, load_state_dict_file,
     resize_pos_embed,
 )
+from model.script_archive import read_script_state_dict
+from utils.checkpoint import CheckpointError
 from utils.tokenizer import tokenize
 
 TINY = dict(embed_dim=32, vision_width=64, vision_layers=2, vision_heads=2, patch_size=16,
@@ -253,8 +259,10 @@ def test_non_state_dict_file_is_rejected(tmp_path):
 
 def test_unknown_pretrain_names_the_path(tmp_path):
     missing = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
         build_clip(str(missing))
+    with pytest.raises(PretrainedWeightsUnavailable, match="nowhere.pt"):
+        load_state_dict_file(missing)
 
 
 def test_offline_missing_weights_name_url_and_path(tmp_path, monkeypatch):
@@ -284,6 +292,135 @@ def test_offline_switch_never_downloads_and_env_sets_cache(tmp_path, monkeypatch
     monkeypatch.delenv("COMOE_OFFLINE")
     with pytest.raises(PretrainedWeightsUnavailable, match="disabled"):
         build_clip("ViT-B/16", download=False)
+
+
+# --------------------------------------------------------------------------- TorchScript archives
+
+def save_traced_tiny(path, source: CLIP):
+    """A traced CLIP saved as OpenAI's archives are: <name>/data.pkl, data/, code/, constants.pkl,
+    with a buffer (as OpenAI's input_resolution) among the parameters."""
+    source.register_buffer("input_resolution", torch.tensor(224))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(source, (torch.randn(1, 3, 64, 32), tokenize(CAPTIONS[:1])),
+                        check_trace=False).save(str(path))
+    return path
+
+
+class Scripted(nn.Module):
+    """Attributes of every kind a module archive holds: parameters (one a strided view), a
+    half-precision buffer, an unset Optional parameter, submodules in a container, a plain
+    tensor and a list that are attributes only, and a BatchNorm's integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4)])
+        self.scale = nn.Parameter(torch.randn(4, 6)[:, 1:5])
+        self.register_buffer("counts", torch.randn(3).half())
+        self.plain = torch.ones(4)
+        self.sizes: List[int] = [3, 4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x @ self.scale + self.plain
+
+
+class WritesOnLoad(nn.Module):
+    """A module whose __setstate__, run by torch.jit.load, writes 8 bytes to a file it names."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.weight = nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return self.target, self.weight, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        self.training = state[2]
+        written = torch.from_file(self.target, True, 8, dtype=torch.uint8).fill_(33)
+        self.weight = state[1] + written[:2].float() * 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def script_and_save(module: nn.Module, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(module).save(str(path))
+    return path
+
+
+def test_torchscript_archives_are_read_as_data_with_jit_state_dict_names(tmp_path, monkeypatch):
+    source = tiny_clip()
+    archives = [save_traced_tiny(tmp_path / "traced.pt", source),
+                script_and_save(Scripted(), tmp_path / "scripted.pt")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        references = [torch.jit.load(str(path)).state_dict() for path in archives]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    for path, reference in zip(archives, references):
+        state_dict = read_script_state_dict(path)
+        assert list(state_dict) == list(reference), path.name
+        for name, tensor in reference.items():
+            assert state_dict[name].dtype == tensor.dtype, name
+            assert torch.equal(state_dict[name], tensor), name
+    assert "plain" not in references[1] and "blocks.0.bias" not in references[1]
+    model = build_tiny_from(archives[0])
+    for name, tensor in source.state_dict().items():
+        if name != "input_resolution":
+            assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_torchscript_archive_code_never_runs(tmp_path):
+    marker = tmp_path / "written_by_the_archive"
+    path = script_and_save(WritesOnLoad(str(marker)), tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt was not loaded.*__torch__\.\S*"
+                                              r"WritesOnLoad restores its objects with its own "
+                                              r"code"):
+        build_tiny_from(path)
+    assert not marker.exists()
+
+
+class Call:
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def test_archive_pickle_may_only_build_tensors_and_plain_data(tmp_path):
+    marker = tmp_path / "opened_by_the_pickle"
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("crafted/data.pkl", pickle.dumps(Call(open, str(marker), "w"), protocol=2))
+        archive.writestr("crafted/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("crafted/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match=r"crafted\.pt was not loaded.*io\.open, which is "
+                                              r"neither a tensor nor plain data"):
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+    # A storage the pickle names but the archive does not hold.
+    traced = save_traced_tiny(tmp_path / "traced.pt", tiny_clip())
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(traced) as source, zipfile.ZipFile(broken, "w") as target:
+        for item in source.infolist():
+            if item.filename != "traced/data/0":
+                target.writestr(item, source.read(item))
+    with pytest.raises(CheckpointError, match=r"refers to traced/data/0, which the archive "
+                                              r"does not hold"):
+        load_state_dict_file(broken)
 
 
 class FakeResponse(io.BytesIO):
@@ -384,3 +521,21 @@ def test_parity_with_open_clip_vit_b16(open_clip_reference, source):
     assert open_clip_reference["text_tokens"].abs().max() > 0.5
     errors = parity_errors(model, open_clip_reference)
     assert max(errors.values()) < PARITY_TOL, errors
+
+
+@pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "ddp"])
+def test_a_checkpoint_of_this_codebase_is_a_pretrain_file(tmp_path, prefix):
+    """model.pretrain=RUN/best.pth (or last.pth) starts from that run's CLIP."""
+    from conftest import ROOT, TINY_MODEL
+    from model import build_model
+    from utils.config import load_config
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY_MODEL)
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    path = tmp_path / "best.pth"
+    torch.save({"model": {prefix + k: v for k, v in trained.state_dict().items()},
+                "config": {}, "epoch": 3}, path)
+    started = build_model(load_config(ROOT / "configs" / "demo.yaml",
+                                      TINY_MODEL + [f"model.pretrain={path}"]))
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(started.backbone.state_dict()[key], value), key

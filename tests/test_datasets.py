@@ -92,7 +92,7 @@ def test_icfg_accepts_dashed_annotation_name(data_root, tmp_path):
 
 
 def test_unknown_dataset_name_lists_known_names(data_root):
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(DatasetError) as err:
         build_dataset("Market-1501", data_root)
     assert all(name in str(err.value) for name in DATASETS)
 
@@ -168,6 +168,40 @@ def test_identities_shared_between_train_and_test_are_reported(data_root, tmp_pa
     with pytest.raises(DatasetError) as err:
         build_dataset("CUHK-PEDES", root)
     assert f"1 identity is in both train and test (ids {test_id})" in str(err.value)
+
+
+@pytest.mark.parametrize("escape", [
+    "CUHK01/../../../outside/secret.png", "../../outside/secret.png",
+    "CUHK01\\..\\..\\..\\outside\\secret.png", "{outside}"])
+def test_image_paths_leading_outside_the_image_folder_are_refused(data_root, tmp_path, capsys,
+                                                                  escape):
+    root, annotation = copy_dataset(data_root, tmp_path)
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    images = tmp_path / "CUHK-PEDES" / "imgs"
+    shutil.copyfile(images / read_json(annotation)[0]["file_path"], secret)
+    escape = escape.format(outside=secret)
+    entries = read_json(annotation)
+    entries[3]["file_path"] = escape
+    # Inside after normalisation: accepted, and opened at the normalised path.
+    inside = entries[4]["file_path"]
+    entries[4]["file_path"] = f"CUHK01/../{inside}"
+    write_json(annotation, entries)
+    expected = (f"reid_raw.json entry 3: field 'file_path' is {escape!r}, which points outside "
+                f"CUHK-PEDES/imgs/")
+    for check_images in (True, False):
+        with pytest.raises(DatasetError) as err:
+            build_dataset("CUHK-PEDES", root, check_images=check_images)
+        assert expected in str(err.value) and "1 problem(s)" in str(err.value)
+    assert check.main(["--root", root, "--dataset", "CUHK-PEDES"]) == 1
+    assert expected in capsys.readouterr().out
+
+    entries[3]["file_path"] = read_json(annotation)[2]["file_path"]
+    write_json(annotation, entries)
+    ds = build_dataset("CUHK-PEDES", root)
+    paths = ds.test.image_paths + ds.val.image_paths + [item.path for item in ds.train]
+    assert os.path.abspath(images / inside) in paths
+    assert not any(".." in p for p in paths)
 
 
 def test_missing_images_counted_with_first_paths(data_root, tmp_path):

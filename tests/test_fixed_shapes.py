@@ -48,23 +48,30 @@ def _batch(size: int = 8, length: int = 24) -> dict:
             "pids": torch.arange(size) // 2, "image_ids": torch.arange(size)}
 
 
-@pytest.mark.parametrize("names,head", [("sdm+itc+coar", "comoe"), ("sdm+mlm+id", "none"),
-                                        ("sdm+itc+coar+mlm+id+cmpm", "comoe")])
+# Routing by each sample's global token (a gather), top-1 with the "prob" combine rule
+# and the per-modality CoAR balance.
+ROUTING_VARIANT = ["moe.aux_input=context", "moe.topk=1", "moe.combine=prob",
+                   "moe.balance=per_modality"]
+
+
+@pytest.mark.parametrize("names,head,extra", [("sdm+itc+coar", "comoe", []),
+                                              ("sdm+itc+coar", "comoe", ROUTING_VARIANT),
+                                              ("sdm+mlm+id", "none", ["model.embed=global"]),
+                                              ("sdm+itc+coar+mlm+id+cmpm", "comoe", [])])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_step_has_no_data_dependent_shape_or_host_read(names, head, precision):
+def test_training_step_has_no_data_dependent_shape_or_host_read(names, head, extra, precision):
     cfg = load_config(None, TINY_MODEL + [f"loss.names={names}", f"model.head={head}",
-                                          "model.cmt_depth=1"]
-                      + (["model.embed=global"] if head == "none" else []))
+                                          "model.cmt_depth=1", *extra])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=4).train()
     batch = _batch()
     watch = HostReadWatch()
     with watch:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            losses = model(batch)
+            losses, metrics = model(batch, return_metrics=True)  # as the trainer calls it
         sum(losses.values()).backward()
     assert watch.seen == []
-    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(v) for v in (losses | metrics).values())
 
 
 def test_the_watch_sees_a_host_read():
@@ -75,15 +82,18 @@ def test_the_watch_sees_a_host_read():
     assert watch.seen == ["index with a bool mask", "_local_scalar_dense"]
 
 
-@pytest.mark.parametrize("names,head", [("sdm+itc+coar", "comoe"), ("sdm+itc+coar+mlm+id+cmpm", "comoe")])
-def test_training_forward_compiles_as_one_graph(names, head):
+@pytest.mark.parametrize("names,head,extra", [("sdm+itc+coar", "comoe", []),
+                                              ("sdm+itc+coar", "comoe", ROUTING_VARIANT),
+                                              ("sdm+itc+coar+mlm+id+cmpm", "comoe", [])])
+def test_training_forward_compiles_as_one_graph(names, head, extra):
     """solver.compile and CUDA graphs (compile_mode=reduce-overhead) need the whole
     training forward, losses included, in one graph: a graph break would run the code
     between graphs eagerly and keep CUDA graphs from covering the step. Dynamo traces it
     with fullgraph=True, which raises at any break; the "eager" backend skips code
     generation, so this takes seconds on the CPU."""
     import torch._dynamo
-    cfg = load_config(None, TINY_MODEL + [f"loss.names={names}", f"model.head={head}", "model.cmt_depth=1"])
+    cfg = load_config(None, TINY_MODEL + [f"loss.names={names}", f"model.head={head}",
+                                          "model.cmt_depth=1", *extra])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=4).train()
     batch = _batch()
@@ -91,11 +101,12 @@ def test_training_forward_compiles_as_one_graph(names, head):
     try:
         compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
         torch.manual_seed(1)  # dropout and MLM masking draw the same numbers in both runs
-        traced = compiled(batch)
+        traced = compiled(batch, return_metrics=True)  # as the trainer calls it
     finally:
         torch._dynamo.reset()
     torch.manual_seed(1)
-    eager = model(batch)
-    assert traced.keys() == eager.keys()
-    for key in eager:
-        torch.testing.assert_close(traced[key], eager[key], msg=f"loss term {key}")
+    eager = model(batch, return_metrics=True)
+    for traced_terms, eager_terms in zip(traced, eager):
+        assert traced_terms.keys() == eager_terms.keys()
+        for key in eager_terms:
+            torch.testing.assert_close(traced_terms[key], eager_terms[key], msg=f"term {key}")

@@ -9,6 +9,7 @@ import torch
 from model.comoe import CoMoEHead, fuse_embedding
 from model.moe import (
     AUX_INPUTS,
+    COMBINE_MODES,
     GATE_MODES,
     ExpertPool,
     MoELayer,
@@ -25,8 +26,14 @@ def _perturb_experts(module: torch.nn.Module, std: float = 0.2) -> None:
     branch contributes (a fresh pool outputs exactly zero)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if ".up." in name:
+            if f".{name}".endswith((".up.weight", ".up.bias")):
                 p.normal_(0.0, std)
+
+
+def _expert(pool: ExpertPool, e: int, h: torch.Tensor) -> torch.Tensor:
+    """Expert e of the pool on one token h (D,), written out (no dropout)."""
+    hidden = torch.nn.functional.gelu(h @ pool.down.weight[e] + pool.down.bias[e])
+    return hidden @ pool.up.weight[e] + pool.up.bias[e]
 
 
 def _text_valid(lengths, length):
@@ -34,27 +41,32 @@ def _text_valid(lengths, length):
     return torch.arange(length).unsqueeze(0) < torch.as_tensor(lengths).unsqueeze(1)
 
 
-def _reference_route(layer: MoELayer, x: torch.Tensor, modality: str):
-    """Slow per-token reference of routing and combination."""
+def _reference_route(layer: MoELayer, x: torch.Tensor, modality: str, context: torch.Tensor):
+    """Slow per-token reference of routing and combination; context[n] is token n's
+    sample's global token."""
     router = layer.router
     m = ("image", "text").index(modality)
     selected, weights, outs, probs = [], [], [], []
-    for h in x:  # one token at a time
+    for h, c in zip(x, context):  # one token at a time
         gate = router.gates[0 if router.gate == "shared" else m].weight
         z = gate @ h
         if router.gate == "modality+aux":
             a = 1.0 / (1.0 + math.exp(-router.alpha.item()))
-            u = h if router.aux_input == "token" else router.prompt
+            u = {"token": h, "prompt": router.prompt, "context": c}[router.aux_input]
             z = (1 - a) * z + a * (router.aux_gate.weight @ u)
+        p = torch.softmax(z, dim=0)
         order = sorted(range(len(z)), key=lambda e: -z[e].item())[: router.topk]
-        top = torch.stack([z[e] for e in order])
-        w = torch.exp(top - top.max())
-        w = w / w.sum()
-        out = sum(w[j] * layer.expert_pool.experts[e](h.unsqueeze(0))[0] for j, e in enumerate(order))
+        if router.combine == "renorm":
+            top = torch.stack([z[e] for e in order])
+            w = torch.exp(top - top.max())
+            w = w / w.sum()
+        else:
+            w = torch.stack([p[e] for e in order])
+        out = sum(w[j] * _expert(layer.expert_pool, e, h) for j, e in enumerate(order))
         selected.append(order)
         weights.append(w)
         outs.append(out)
-        probs.append(torch.softmax(z, dim=0))
+        probs.append(p)
     return (
         torch.tensor(selected),
         torch.stack(weights),
@@ -65,15 +77,17 @@ def _reference_route(layer: MoELayer, x: torch.Tensor, modality: str):
 
 @pytest.mark.parametrize("gate,aux_input", VARIANTS)
 @pytest.mark.parametrize("topk", [1, 2, 4])
-def test_routing_matches_per_token_reference(gate, aux_input, topk):
+@pytest.mark.parametrize("combine", COMBINE_MODES)
+def test_routing_matches_per_token_reference(gate, aux_input, topk, combine):
     torch.manual_seed(0)
     layer = MoELayer(16, num_experts=4, topk=topk, reduction=4, dropout=0.0,
-                     gate=gate, aux_input=aux_input, mix_init=0.3).eval()
+                     gate=gate, aux_input=aux_input, mix_init=0.3, combine=combine).eval()
     _perturb_experts(layer)
     x = torch.randn(40, 16)
+    context = torch.randn(40, 16)
     for modality in ("image", "text"):
-        got = layer.route_tokens(x, modality)
-        ref_sel, ref_w, ref_out, ref_probs = _reference_route(layer, x, modality)
+        got = layer.route_tokens(x, modality, context=context)
+        ref_sel, ref_w, ref_out, ref_probs = _reference_route(layer, x, modality, context)
         assert torch.equal(got.selected, ref_sel)
         torch.testing.assert_close(got.weights, ref_w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.out, ref_out, rtol=1e-5, atol=1e-6)
@@ -175,7 +189,7 @@ def test_expert_pool_matches_a_loop_over_experts_with_gradients():
     selected = torch.stack([torch.randperm(3)[:2] for _ in range(20)])
     weights = torch.rand(20, 2).softmax(-1)
     out = pool(x, selected, weights)
-    ref = torch.stack([sum(weights[n, j] * pool.experts[int(e)](x[n:n + 1])[0]
+    ref = torch.stack([sum(weights[n, j] * _expert(pool, int(e), x[n])
                            for j, e in enumerate(selected[n])) for n in range(20)])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     probe = torch.randn_like(out)
@@ -195,7 +209,7 @@ def test_expert_pool_runs_unselected_experts():
         assert p.grad is not None
 
 
-def _small_head(gate="modality+aux", aux_input="token", **kw):
+def _small_head(gate="modality+aux", aux_input="prompt", **kw):
     args = dict(dim=32, layers=2, heads=4, num_experts=4, topk=2, reduction=4,
                 mlp_ratio=2.0, dropout=0.0, expert_dropout=0.0, gate=gate,
                 aux_input=aux_input, mix_init=0.5, identity_init=False)
@@ -269,7 +283,8 @@ def test_outputs_do_not_depend_on_batch_neighbours(gate, aux_input):
     global_feat = torch.randn(B, 32)
 
     def embed(tok, val, glob, modality="text"):
-        out, _ = head(tok, val, modality)
+        eot = val.sum(dim=1) - 1 if modality == "text" else None  # None: the CLS at 0
+        out, _ = head(tok, val, modality, eot)
         return out, fuse_embedding(glob, out, val)
 
     with torch.no_grad():
@@ -354,7 +369,8 @@ def test_fuse_embedding_modes():
     "kwargs,match",
     [
         (dict(gate="dense"), r"gate 'dense'.*modality\+aux.*shared"),
-        (dict(aux_input="image"), r"aux_input 'image'.*token.*prompt"),
+        (dict(aux_input="image"), r"aux_input 'image'.*prompt.*context.*token"),
+        (dict(combine="softmax"), r"combine 'softmax'.*renorm.*prob"),
         (dict(topk=5), r"topk.*num_experts=4"),
         (dict(topk=0), r"topk"),
         (dict(heads=5), r"divisible by heads"),
@@ -387,6 +403,129 @@ def test_default_head_parameter_count():
         + 512 * 1536 + 1536 + 512 * 512 + 512  # attention
         + 512 * 2048 + 2048 + 2048 * 512 + 512  # MLP
         + 4 * (512 * 64 + 64 + 64 * 512 + 512)  # experts
-        + 3 * 512 * 4 + 1  # image, text and auxiliary gates, alpha
+        + 3 * 512 * 4 + 1 + 512  # image, text and auxiliary gates, alpha, prompt
     )
     assert sum(p.numel() for p in head.parameters()) == 4 * per_block
+
+
+@pytest.mark.parametrize("combine", COMBINE_MODES)
+def test_top1_router_learns_from_the_task_only_with_prob_combine(combine):
+    """At k = 1, "renorm" makes every combine weight softmax(one logit) = 1: a task
+    loss on the head's output sends no gradient to the gates, the mixing weight or
+    the prompt. "prob" (the selected expert's router probability) does."""
+    torch.manual_seed(0)
+    head = _small_head(topk=1, combine=combine)
+    _perturb_experts(head)
+    tokens = torch.randn(3, 6, 32)
+    valid = _text_valid([6, 4, 2], 6)
+    out, _ = head(tokens, valid, "text")
+    fuse_embedding(tokens[:, 0], out, valid).square().sum().backward()  # no CoAR
+    router = {n: p.grad for n, p in head.named_parameters()
+              if ".router." in n and ".gates.0." not in n}  # the image gate sees no text
+    assert len(router) == 2 * 4  # text gate, auxiliary gate, alpha, prompt per layer
+    for name, grad in router.items():
+        if combine == "prob":
+            assert grad is not None and grad.abs().sum() > 0, name
+        else:
+            assert grad is None or torch.count_nonzero(grad) == 0, name
+
+
+def test_context_aux_input_routes_with_each_samples_own_global_token():
+    torch.manual_seed(0)
+    layer = MoELayer(16, num_experts=4, topk=2, reduction=4, dropout=0.0,
+                     aux_input="context", mix_init=0.4).eval()
+    _perturb_experts(layer)
+    x = torch.randn(3, 5, 16)
+    valid = _text_valid([5, 3, 4], 5)
+    eot = torch.tensor([4, 2, 3])
+    out, _ = layer(x, valid, "text", eot)
+    # Every token's auxiliary input is its own sample's token at the EOT position.
+    context = torch.stack([x[b, eot[b]] for b in range(3)]).repeat_interleave(5, dim=0)
+    _, _, ref_out, _ = _reference_route(layer, x.flatten(0, 1), "text", context)
+    mask = valid.flatten()
+    torch.testing.assert_close(out.flatten(0, 1)[mask], ref_out[mask], rtol=1e-5, atol=1e-6)
+    # Images: the CLS token at position 0.
+    img_out, _ = layer(x, None, "image")
+    _, _, ref_img, _ = _reference_route(layer, x.flatten(0, 1), "image",
+                                        x[:, 0].repeat_interleave(5, dim=0))
+    torch.testing.assert_close(img_out.flatten(0, 1), ref_img, rtol=1e-5, atol=1e-6)
+    # The auxiliary gate really reads it: another global token routes differently.
+    assert not torch.allclose(layer(x, valid, "text", torch.zeros(3, dtype=torch.long))[0], out)
+    with pytest.raises(ValueError, match="context"):
+        layer.route_tokens(x, "text", valid)
+
+
+def test_text_and_image_features_give_the_head_their_global_token_positions():
+    from conftest import TINY_MODEL
+    from model import build_model
+    from utils.config import load_config
+    from utils.tokenizer import tokenize
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY_MODEL + ["moe.aux_input=context"])).eval()
+    seen = []
+    model.head.blocks[0].moe.register_forward_pre_hook(lambda module, args: seen.append(args[3]))
+    caption_ids = tokenize(["a man", "a woman in a red coat with a bag"], context_length=24)
+    with torch.no_grad():
+        model.text_features(caption_ids)
+        model.image_features(torch.randn(2, 3, 32, 16))
+    assert torch.equal(seen[0], caption_ids.argmax(dim=-1))  # the end-of-text tokens
+    assert seen[0].tolist() == [3, 10] and seen[1] is None  # images: the CLS token at 0
+
+
+def test_expert_pool_is_stacked_and_loads_per_expert_state_dicts():
+    """One implementation: the pool's stacked parameters and forward. A state dict of
+    the older layout (one nn.Linear pair per expert) loads and computes the same."""
+    torch.manual_seed(0)
+    dim, num_experts, hidden = 12, 3, 4
+    pool = ExpertPool(dim, num_experts, reduction=3, dropout=0.0)
+    assert {n: tuple(p.shape) for n, p in pool.named_parameters()} == {
+        "down.weight": (3, 12, 4), "down.bias": (3, 4), "up.weight": (3, 4, 12), "up.bias": (3, 12)}
+    downs = [torch.nn.Linear(dim, hidden) for _ in range(num_experts)]
+    ups = [torch.nn.Linear(hidden, dim) for _ in range(num_experts)]
+    old = {f"experts.{e}.{name}.{param}": getattr(lin, param).detach().clone()
+           for e in range(num_experts) for name, lin in (("down", downs[e]), ("up", ups[e]))
+           for param in ("weight", "bias")}
+    pool.load_state_dict(old)
+    x = torch.randn(20, dim)
+    selected = torch.stack([torch.randperm(num_experts)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2).softmax(-1)
+    with torch.no_grad():
+        ref = torch.stack([sum(weights[n, j] * ups[e](torch.nn.functional.gelu(downs[e](x[n])))
+                               for j, e in enumerate(selected[n].tolist())) for n in range(20)])
+        torch.testing.assert_close(pool(x, selected, weights), ref, rtol=1e-5, atol=1e-6)
+
+
+def _per_expert_layout(state: dict) -> dict:
+    """A model state dict rewritten in the older per-expert layout of the pools."""
+    old = {}
+    for key, value in state.items():
+        prefix, found, name = key.partition("expert_pool.")
+        if not found:
+            old[key] = value
+            continue
+        for e, tensor in enumerate(value):  # nn.Linear weights are (out, in)
+            old[f"{prefix}expert_pool.experts.{e}.{name}"] = tensor.t() if name.endswith("weight") else tensor
+    return old
+
+
+def test_old_checkpoints_load_through_load_model_state():
+    from conftest import TINY_MODEL
+    from model import build_model
+    from utils.checkpoint import CheckpointError, load_model_state
+    from utils.config import load_config
+    cfg = load_config(None, TINY_MODEL + ["moe.layers=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _perturb_experts(model)
+    state = model.state_dict()
+    old = _per_expert_layout(state)
+    assert "head.blocks.1.moe.expert_pool.experts.3.up.bias" in old
+    torch.manual_seed(1)
+    fresh = build_model(cfg)
+    load_model_state(fresh, {"model": old})
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # A converted tensor of the wrong shape is reported like any other mismatch.
+    narrow = build_model(load_config(None, TINY_MODEL + ["moe.layers=2", "moe.reduction=2"]))
+    with pytest.raises(CheckpointError, match=r"size mismatch for head\.blocks\.0\.moe\.expert_pool"):
+        load_model_state(narrow, {"model": old})

@@ -160,3 +160,58 @@ def test_coar_rejects_mismatched_or_missing_stats():
         coar_loss([], [])
     with pytest.raises(ValueError, match="4 vs 3"):
         coar_loss([s], [_stats([1 / 3] * 3, [1] * 3, 1)])
+
+
+def test_coar_balance_per_modality_penalises_modality_split_routing():
+    """Images on experts {0, 1} and text on {2, 3} (k = 2): the joint balance sees
+    f = P = uniform and scores its minimum 1; per modality each uses half the experts:
+    E * (1/2 * 1/2 + 1/2 * 1/2) = 2 for both."""
+    img = _stats([0.5, 0.5, 0.0, 0.0], [193, 193, 0, 0], 193)
+    txt = _stats([0.0, 0.0, 0.5, 0.5], [0, 0, 20, 20], 20)
+    assert coar_loss([img], [txt], balance="joint")["balance"].item() == pytest.approx(1.0)
+    assert coar_loss([img], [txt], balance="per_modality")["balance"].item() == pytest.approx(2.0)
+    # Even routing within each modality is the minimum of both; they agree there.
+    even_img = _stats([0.25] * 4, [2 * 193 / 4] * 4, 193)
+    even_txt = _stats([0.25] * 4, [10] * 4, 20)
+    for balance in ("joint", "per_modality"):
+        assert coar_loss([even_img], [even_txt], balance=balance)["balance"].item() == pytest.approx(1.0)
+
+
+def test_coar_balance_per_modality_hand_computed_with_gradient():
+    img = _stats([0.4, 0.3, 0.2, 0.1], [12, 4, 2, 2], 10, requires_grad=True)
+    txt = _stats([0.1, 0.2, 0.3, 0.4], [2, 4, 6, 8], 10, requires_grad=True)
+    f_img, f_txt = [0.6, 0.2, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]
+    expected = 4 * (sum(f * p for f, p in zip(f_img, [0.4, 0.3, 0.2, 0.1]))
+                    + sum(f * p for f, p in zip(f_txt, [0.1, 0.2, 0.3, 0.4]))) / 2
+    out = coar_loss([img, img], [txt, txt], lambda_align=0.0, balance="per_modality")
+    assert out["total"].item() == pytest.approx(2 * expected, rel=1e-6)
+    out["total"].backward()
+    # d / d prob_sum^m = 2 layers * E * f^m / 2 / num_tokens^m
+    torch.testing.assert_close(img.prob_sum.grad, 2 * 4 * torch.tensor(f_img) / 2 / 10)
+    torch.testing.assert_close(txt.prob_sum.grad, 2 * 4 * torch.tensor(f_txt) / 2 / 10)
+    with pytest.raises(ValueError, match="balance 'both'.*joint.*per_modality"):
+        coar_loss([img], [txt], balance="both")
+
+
+@pytest.mark.parametrize("lambda_align", [0.0, 0.1])
+def test_coar_gradient_is_finite_when_a_mean_probability_is_zero(lambda_align):
+    """An expert that one modality gives exactly zero probability (or a modality with
+    no tokens) made the alignment term's gradient NaN, even at lambda_align = 0."""
+    img = _stats([0.5, 0.5, 0.0, 0.0], [5, 5, 0, 0], 10, requires_grad=True)
+    txt = _stats([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], 0, requires_grad=True)  # no text tokens
+    out = coar_loss([img], [txt], lambda_align=lambda_align)
+    out["total"].backward()
+    assert torch.isfinite(img.prob_sum.grad).all() and torch.isfinite(txt.prob_sum.grad).all()
+    if lambda_align == 0:  # not computed: the total is the balance alone
+        assert out["align"].item() == 0.0 and out["total"].item() == out["balance"].item()
+    else:  # JS of (1/2, 1/2, 0, 0) against "nothing" stays a finite number below ln 2
+        assert 0.0 < out["align"].item() <= math.log(2) + 1e-6
+    p = torch.tensor([0.0, 0.3, 0.7], requires_grad=True)
+    q = torch.tensor([0.6, 0.4, 0.0], requires_grad=True)
+    js = js_divergence(p, q)
+    js.backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    # m = (0.3, 0.35, 0.35); the zero entries add nothing to the divergence.
+    expected = 0.5 * (0.3 * math.log(0.3 / 0.35) + 0.7 * math.log(0.7 / 0.35)) \
+        + 0.5 * (0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.35))
+    assert js.item() == pytest.approx(expected, rel=1e-6)

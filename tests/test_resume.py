@@ -72,7 +72,7 @@ def test_resume_after_interrupt_is_bit_identical(synth_root, tmp_path, uninterru
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL, output
     else:
-        assert code == 0, output
+        assert code == 128 + signal.SIGTERM, output  # a scheduler sees an interrupted run
         assert "resume=true" in output  # the message says how to resume
     ckpt = load_checkpoint(run / "last.pth")
     assert ckpt["global_step"] < 27, "the run finished before it could be interrupted"
@@ -138,12 +138,13 @@ def _nan_after(model_cls, calls: int):
     original = model_cls.forward
     counter = {"n": 0}
 
-    def forward(self, batch):
+    def forward(self, batch, **kwargs):
         counter["n"] += 1
-        losses = original(self, batch)
+        out = original(self, batch, **kwargs)
+        losses = out[0] if isinstance(out, tuple) else out
         if counter["n"] >= calls:
             losses["sdm"] = losses["sdm"] * float("nan")
-        return losses
+        return out
     return forward
 
 
@@ -170,11 +171,11 @@ def _spoil_forward(monkeypatch, spoil) -> list:
     original = RetrievalModel.forward
     params_seen = []
 
-    def forward(self, batch):
+    def forward(self, batch, **kwargs):
         params_seen.append(self.backbone.visual.proj.detach().clone())
-        losses = original(self, batch)
-        spoil(self, losses, len(params_seen))
-        return losses
+        out = original(self, batch, **kwargs)
+        spoil(self, out[0] if isinstance(out, tuple) else out, len(params_seen))
+        return out
     monkeypatch.setattr(RetrievalModel, "forward", forward)
     return params_seen
 
@@ -250,6 +251,32 @@ def test_gradient_accumulation_matches_the_full_batch_for_per_sample_losses(synt
                                    msg=lambda m: f"{key}: {m}")
 
 
+def test_accumulation_over_the_last_partial_batch_matches_the_full_batch(synth_root, tmp_path):
+    """dataset.drop_last=false: 76 samples give 9 batches of 8 and one of 4, which 8
+    micro-batches split into 4 of one sample; each counts by its size, so the step is
+    still the whole batch's (a per-sample loss, ID)."""
+    common = ["model.head=none", "model.embed=global", "loss.names=id", "solver.num_epoch=1",
+              "input.flip=false", "input.padding=0", "input.erasing=0", "eval.period=5",
+              "dataset.drop_last=false"]
+    runs = {}
+    for steps in (1, 8):
+        name = f"acc{steps}"
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, name),
+                           *common, f"solver.accumulation_steps={steps}"])
+        runs[steps] = load_checkpoint(tmp_path / "CUHK-PEDES" / name / "last.pth")
+    assert runs[1]["global_step"] == runs[8]["global_step"] == 10
+    for key, value in runs[1]["model"].items():
+        torch.testing.assert_close(runs[8]["model"][key], value, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_drop_last_false_is_refused_with_the_identity_sampler():
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"dataset\.drop_last=false .* identity sampler has none"):
+        load_config(CONFIG, ["dataset.drop_last=false", "dataset.sampler=identity"])
+    load_config(CONFIG, ["dataset.drop_last=false"])
+
+
 def test_accumulation_must_divide_the_batch(synth_root, tmp_path):
     from utils.config import ConfigError
     with pytest.raises(ConfigError, match="accumulation_steps=3"):
@@ -323,3 +350,242 @@ def test_fused_step_reads_nothing_back_from_the_device(synth_root, tmp_path, mon
     train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "host"),
                        "solver.optimizer_kernel=foreach", "solver.num_epoch=1", "eval.period=5"])
     assert "__bool__" in reads
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` still running (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_to_the_process_group_with_loader_workers(synth_root, tmp_path, uninterrupted):
+    """How Slurm and systemd stop a job: SIGTERM to every process of the group, the
+    DataLoader workers included. The workers ignore it; the run finishes its step,
+    saves, says how to resume, exits 143, and resumes to the same weights as a run
+    that was never stopped (the data do not depend on the number of workers)."""
+    run = tmp_path / "CUHK-PEDES" / "run"
+    cmd = _command(synth_root, tmp_path, "run") + ["dataset.num_workers=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    # Mid-epoch (the first checkpoint is at step 2), with both workers running.
+    while proc.poll() is None and time.time() < deadline and not (
+            (run / "last.pth").exists() and len(_group_members(proc.pid)) >= 3):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the workers could be signalled"
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "resume=true" in output and "DataLoader worker" not in output
+    deadline = time.time() + 60
+    while _group_members(proc.pid) and time.time() < deadline:  # the workers end too
+        time.sleep(0.1)
+    assert _group_members(proc.pid) == []
+    assert "stopped by SIGTERM" in (run / "train.log").read_text()
+
+    resumed = _run([sys.executable, "train.py", "--config_file", str(run / "configs.yaml"),
+                    "resume=true"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for name in ("last.pth", "best.pth"):
+        expected, actual = _weights(uninterrupted / name), _weights(run / name)
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}: {key} differs"
+
+
+def _damage_one_validation_image(root: Path) -> tuple[Path, bytes]:
+    entries = json.loads((root / "CUHK-PEDES" / "reid_raw.json").read_text())
+    path = root / "CUHK-PEDES" / "imgs" / next(e for e in entries
+                                               if e["split"] == "val")["file_path"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path, data
+
+
+def test_crash_in_validation_loses_no_training_and_resume_validates_that_epoch(synth_root,
+                                                                               tmp_path):
+    """last.pth is written before validation: an unreadable validation image stops the
+    run with epoch 1 saved, and the resumed run validates epoch 1 before going on, so
+    best.pth is chosen exactly as in a run that never crashed."""
+    from datasets.synth import generate
+    root = tmp_path / "data"
+    generate(str(root), "cuhk", num_ids=16, seed=0)  # the same data as synth_root
+    bad, data = _damage_one_validation_image(root)
+    common = ["solver.num_epoch=2", "eval.period=1"]
+    with pytest.raises(BadImageError, match=re.escape(str(bad))):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(root, tmp_path), *common])
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    saved = load_checkpoint(run / "last.pth")
+    assert (saved["epoch"], saved["global_step"], saved["validation_pending"]) == (1, 9, True)
+    assert not (run / "best.pth").exists()
+    log = (run / "train.log").read_text()
+    assert str(bad) in log and "resume=true" in log  # the error and how to resume
+
+    bad.write_bytes(data)
+    train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true"])
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 1 validation (") == 1 and log.count("epoch 2 validation (") == 1
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path, "whole"),
+                       *common])
+    whole = tmp_path / "CUHK-PEDES" / "whole"
+    for name, keys in (("best.pth", ("epoch", "metrics")), ("last.pth", ("best_epoch",
+                                                                       "best_metric"))):
+        expected, actual = load_checkpoint(whole / name), load_checkpoint(run / name)
+        assert [actual[k] for k in keys] == [expected[k] for k in keys]
+        for key, value in expected["model"].items():
+            assert torch.equal(actual["model"][key], value), f"{name}: {key} differs"
+
+
+def test_unexpected_error_goes_to_train_log_with_its_traceback(synth_root, tmp_path,
+                                                                 monkeypatch):
+    import processor.trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in validation")
+    monkeypatch.setattr(processor.trainer, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="a bug in validation"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path)])
+    log = (tmp_path / "CUHK-PEDES" / "tiny" / "train.log").read_text()
+    assert "Traceback" in log and "RuntimeError: a bug in validation" in log
+    assert re.search(r"the last saved state is in .*last\.pth; after fixing the cause, resume "
+                     r"with: python train.py --config_file .*configs\.yaml resume=true", log)
+
+
+def test_resume_applies_what_it_can_and_refuses_the_rest(synth_root, tmp_path):
+    """More epochs are applied (the cosine schedule is recomputed for the new length),
+    logged, recorded in resumes.yaml and configs.yaml; a new lr or head is refused
+    before anything is written."""
+    import yaml
+    from utils.config import ConfigError
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                       "solver.num_epoch=1"])
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    config = str(run / "configs.yaml")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for changes, refused in ((["solver.lr=0.5", "moe.reduction=2", "solver.num_epoch=2"],
+                              [r"moe\.reduction: 4 -> 2 \(it changes the model",
+                               r"solver\.lr: 0\.001 -> 0\.5 \(the optimizer's settings"]),
+                             (["solver.num_epoch=0"], [r"'solver\.num_epoch' must be >= 1"])):
+        with pytest.raises(ConfigError) as err:
+            train_script.main(["--config_file", config, "resume=true", *changes])
+        for pattern in refused:
+            assert re.search(pattern, str(err.value)), str(err.value)
+        assert "solver.num_epoch: 1 -> 2" not in str(err.value)  # that one is allowed
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    train_script.main(["--config_file", config, "resume=true", "solver.num_epoch=2",
+                       "solver.log_period=3"])
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["solver"]["num_epoch"] == 2
+    assert ckpt["scheduler"]["total_steps"] == 2 * 9
+    saved = yaml.safe_load((run / "configs.yaml").read_text())
+    assert saved["solver"]["num_epoch"] == 2 and saved["resume"] is False
+    (entry,) = yaml.safe_load((run / "resumes.yaml").read_text())
+    assert entry["from"] == {"epoch": 1, "batch_in_epoch": 0, "global_step": 9}
+    assert {k: (v["from"], v["to"]) for k, v in entry["changes"].items()} == {
+        "solver.num_epoch": (1, 2), "solver.log_period": (2, 3)}
+    log = (run / "train.log").read_text()
+    assert "resume: solver.num_epoch: 1 -> 2" in log and "resume: solver.log_period: 2 -> 3" in log
+    assert re.search(r"now ends at step 18; at step 9 the lr .* is 0\.0005, 0 on the old", log)
+
+
+def test_resume_refuses_fewer_epochs_than_already_trained():
+    from processor.resume import compare_for_resume
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None, ["solver.num_epoch=5"]))
+    with pytest.raises(ConfigError, match=r"solver\.num_epoch: 5 -> 2 \(the run has already "
+                                          r"trained 3 epochs"):
+        compare_for_resume(saved, to_plain(load_config(None, ["solver.num_epoch=2"])), 3, "x")
+    (more,) = compare_for_resume(saved, to_plain(load_config(None, ["solver.num_epoch=8"])), 3,
+                                 "x")
+    assert (more.key, more.saved, more.requested) == ("solver.num_epoch", 5, 8)
+
+
+def test_every_key_of_the_defaults_has_a_resume_rule():
+    """Each key is applied, ignored or refused by a rule written for it, with its reason."""
+    from processor.resume import APPLY, IGNORE, REFUSE, RULES, default_values
+    assert set(RULES) == set(default_values())
+    assert all(action in (APPLY, IGNORE, REFUSE) and why for action, why in RULES.values())
+
+
+def _resume_with(saved: dict, *overrides: str):
+    from processor.resume import compare_for_resume
+    from utils.config import load_config, to_plain
+    return compare_for_resume(saved, to_plain(load_config(None, list(overrides))), 1, "x")
+
+
+def test_resume_applies_every_eval_setting_and_names_why_it_refuses_optimizer_groups():
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    changes = ["eval.audit=true", "eval.audit_samples=64", "eval.audit_tolerance=0.01",
+               "eval.i2t=true", "eval.batch_size=8", "eval.period=3"]
+    assert sorted(d.key for d in _resume_with(saved, *changes)) == sorted(
+        c.split("=")[0] for c in changes)
+    for change, why in (("solver.param_rules=irra", "which lr and weight decay each parameter"),
+                        ("solver.module_lr_factors={head: 2.0}", "which lr and weight decay"),
+                        ("solver.lr_update=epoch", "lr schedule of the steps already taken"),
+                        ("solver.fp16_weights=true", "weights' dtype")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            _resume_with(saved, change)
+
+
+def test_a_key_added_since_the_run_started_takes_only_its_default():
+    """An older run's config lacks newer keys: it trained as their defaults behave, so
+    only the default is accepted, except for keys that are applied anyway."""
+    from utils.config import ConfigError, load_config, to_plain
+    saved = to_plain(load_config(None))
+    for section, key in (("moe", "combine"), ("solver", "fp16_weights"), ("eval", "audit")):
+        del saved[section][key]
+    listed = _resume_with(saved)  # their defaults: accepted, and listed
+    assert [(d.key, d.saved, d.requested) for d in listed] == [
+        ("eval.audit", None, False), ("moe.combine", None, "renorm"),
+        ("solver.fp16_weights", None, False)]
+    for change in ("moe.combine=prob", "solver.fp16_weights=true"):
+        with pytest.raises(ConfigError, match=r"not a setting when the run started, which "
+                                              r"trained as .* does; it changes"):
+            _resume_with(saved, change)
+    assert "eval.audit" in [d.key for d in _resume_with(saved, "eval.audit=true")]
+
+
+def test_non_finite_weights_are_never_saved(synth_root, tmp_path, monkeypatch):
+    """A step that makes the weights inf (e.g. an infinite lr) must not turn last.pth
+    into a 'last good state' of garbage: the save is refused, last.pth keeps step 2."""
+    from processor.trainer import NonFiniteWeightsError, Trainer
+    original = Trainer._optimizer_step
+
+    def diverging(self, finite):
+        original(self, finite)
+        if self.global_step == 2:  # the update of the third step
+            self.core.backbone.visual.proj.data.fill_(float("inf"))
+    monkeypatch.setattr(Trainer, "_optimizer_step", diverging)
+    with pytest.raises(NonFiniteWeightsError, match=r"last\.pth still holds the state of epoch "
+                                                    r"1, batch 2, step 2.*solver\.lr"):
+        train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path),
+                           "checkpoint.every_n_steps=2", "solver.optimizer_kernel=foreach"])
+    ckpt = load_checkpoint(tmp_path / "CUHK-PEDES" / "tiny" / "last.pth")
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("lr_update,old", [("step", 0.5), ("epoch", 0.75)])
+def test_a_new_run_length_logs_the_old_schedules_lr_in_its_own_units(caplog, lr_update, old):
+    """At step 25 of 10-step epochs (epoch 2), 4 epochs with 1 of warm-up: stepped per
+    step the cosine is half-way (0.5); stepped per epoch it is a third of the way (0.75)."""
+    from processor.runner import _log_schedule_change
+    from solver import WarmupCosineSchedule, schedule_from_config
+    from utils.config import load_config
+    solver = load_config(None, ["solver.num_epoch=8", "solver.warmup_epochs=1",
+                                f"solver.lr_update={lr_update}", "solver.lr=1.0"]).solver
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    WarmupCosineSchedule(optimizer, **schedule_from_config(solver, 10))
+    with caplog.at_level("WARNING"):
+        _log_schedule_change({**solver, "num_epoch": 4}, solver, 25, 10, optimizer)
+    assert re.search(rf"solver\.num_epoch 4 -> 8: .* at step 25 the lr .* is \S+, {old:g} on the "
+                     rf"old schedule", caplog.text), caplog.text

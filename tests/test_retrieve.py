@@ -1,10 +1,12 @@
 """retrieve.py and utils/gallery.py: ranking a folder of crops, the embedding cache, bad input."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from conftest import ROOT, TINY_MODEL
 from datasets.pedes import DatasetError
 from datasets.synth import COLOURS, draw_identity, draw_image
 from datasets.transforms import CLIP_MEAN, CLIP_STD
-from utils.gallery import CACHE_PREFIX, GalleryIndex
+from utils.config import ConfigError
+from utils.gallery import KEY_PATTERN, GalleryIndex
 from utils.tokenizer import EOT_TOKEN_ID, get_tokenizer
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -99,9 +102,15 @@ def colour_run(tmp_path, monkeypatch):
     checkpoint = run_dir / "best.pth"
     checkpoint.write_bytes(b"weights")  # only its path, mtime and size matter (cache key)
     model = ColourModel()
-    monkeypatch.setattr(vis, "load_run", lambda config_file, overrides=(), checkpoint_path=None:
-                        vis.LoadedRun(cfg, model, torch.device("cpu"), run_dir, checkpoint))
+    monkeypatch.setattr(vis, "load_run", lambda cfg, run_dir, checkpoint_path=None:
+                        vis.LoadedRun(cfg, model, torch.device("cpu"), run_dir,
+                                      Path(checkpoint_path) if checkpoint_path else checkpoint))
     return run_dir, model
+
+
+def cache_folders(base) -> list:
+    """The per-checkpoint cache folders under a cache base (base/<gallery>-<hash>/<key>)."""
+    return sorted(p for p in Path(base).glob("*/*") if KEY_PATTERN.fullmatch(p.name))
 
 
 def _retrieve(run_dir, folder, *args) -> dict:
@@ -146,8 +155,9 @@ def test_cache_is_reused_and_follows_file_changes(colour_run, gallery, tmp_path)
     query = ["--query", caption_of(27)]
     first = _retrieve(run_dir, folder, *query)["gallery"]
     assert (first["embedded"], first["reused"], model.images_encoded) == (total, 0, total)
-    caches = list(folder.glob(CACHE_PREFIX + "*"))
+    caches = cache_folders(run_dir / "gallery_cache")
     assert len(caches) == 1 and (caches[0] / "index.pt").is_file()
+    assert not list(folder.glob(".*"))  # nothing is written into the gallery
 
     again = _retrieve(run_dir, folder, *query)
     assert (again["gallery"]["embedded"], again["gallery"]["reused"]) == (0, total)
@@ -173,6 +183,19 @@ def test_cache_is_reused_and_follows_file_changes(colour_run, gallery, tmp_path)
     assert len(list(caches[0].glob("emb-*.npy"))) == 1  # the superseded embedding file is gone
 
 
+def test_another_precision_gets_its_own_cache(colour_run, gallery):
+    """Embeddings computed under bf16 autocast are not those of fp32: never mixed up."""
+    run_dir, model = colour_run
+    folder, _ = gallery
+    total = len(PIDS) * IMAGES_PER_ID
+    _retrieve(run_dir, folder, "--query", caption_of(27))
+    bf16 = _retrieve(run_dir, folder, "--query", caption_of(27), "solver.precision=bf16")
+    assert (bf16["gallery"]["embedded"], bf16["gallery"]["reused"]) == (total, 0)
+    assert len(cache_folders(run_dir / "gallery_cache")) == 2
+    again = _retrieve(run_dir, folder, "--query", caption_of(27))["gallery"]
+    assert (again["embedded"], again["reused"]) == (0, total)
+
+
 def test_cache_can_live_elsewhere_and_a_damaged_cache_is_rebuilt(colour_run, gallery, tmp_path,
                                                                  caplog):
     run_dir, model = colour_run
@@ -180,14 +203,129 @@ def test_cache_can_live_elsewhere_and_a_damaged_cache_is_rebuilt(colour_run, gal
     total = len(PIDS) * IMAGES_PER_ID
     elsewhere = tmp_path / "cache"
     _retrieve(run_dir, folder, "--query", caption_of(0), "--cache_dir", str(elsewhere))
-    assert not list(folder.glob(CACHE_PREFIX + "*"))
-    (index_file,) = elsewhere.glob(CACHE_PREFIX + "*/index.pt")
+    assert not list(folder.glob(".*")) and not (run_dir / "gallery_cache").exists()
+    (index_file,) = elsewhere.glob("*/*/index.pt")
     index_file.write_bytes(b"not a torch file")
     with caplog.at_level(logging.WARNING):
         result = _retrieve(run_dir, folder, "--query", caption_of(0), "--cache_dir", str(elsewhere))
     assert result["gallery"]["embedded"] == total and model.images_encoded == 2 * total
     assert "cannot be used" in caplog.text
     assert _pids_of(result["queries"][0]["matches"])[:IMAGES_PER_ID] == [0] * IMAGES_PER_ID
+
+
+def test_caches_of_current_checkpoints_are_kept_and_of_changed_ones_removed(colour_run, gallery,
+                                                                           caplog):
+    run_dir, _ = colour_run
+    folder, _ = gallery
+    last = run_dir / "last.pth"
+    last.write_bytes(b"other weights")
+    (folder / ".comoe_gallery_cache_0123456789abcdef").mkdir()  # where earlier versions cached
+    query = ["--query", caption_of(27)]
+    with caplog.at_level(logging.WARNING):
+        _retrieve(run_dir, folder, *query)
+    assert f"rm -r {folder}/.comoe_gallery_cache_*" in caplog.text
+    _retrieve(run_dir, folder, *query, "--checkpoint", str(last))
+    best_cache, last_cache = sorted(cache_folders(run_dir / "gallery_cache"),
+                                    key=lambda p: json.loads((p / "source.json").read_text())[
+                                        "checkpoint"])
+    again = _retrieve(run_dir, folder, *query)  # both checkpoints unchanged: both caches stay
+    assert again["gallery"]["embedded"] == 0
+    assert cache_folders(run_dir / "gallery_cache") == sorted([best_cache, last_cache])
+    last.write_bytes(b"retrained weights")
+    _retrieve(run_dir, folder, *query)
+    assert cache_folders(run_dir / "gallery_cache") == [best_cache]
+    last.unlink()
+    other = folder.parent / "other_crops"
+    shutil.copytree(folder, other)
+    _retrieve(run_dir, other, *query)  # another gallery: a folder of its own
+    assert len(cache_folders(run_dir / "gallery_cache")) == 2
+
+
+def _edit_index(cache, edit) -> None:
+    index = torch.load(cache / "index.pt", weights_only=True)
+    edit(index, cache)
+    torch.save(index, cache / "index.pt")
+
+
+def _rewrite_embeddings(transform):
+    def edit(index, cache):
+        path = cache / index["embeddings"]
+        rows = transform(np.load(path).astype(np.float32))
+        np.save(path, rows)
+    return edit
+
+
+def _outside_embeddings(index, cache):
+    outside = cache.parent.parent.parent / "outside.npy"
+    rows = np.zeros((index["count"], len(COLOUR_NAMES)), dtype=np.float16)
+    rows[:, 0] = 1  # unit vectors, all "purple": they would rank every image alike
+    np.save(outside, rows)
+    index["embeddings"] = "../../../outside.npy"
+
+
+def _poisoned_row(rows):
+    rows[0] = 30.0  # finite, and first for every query
+    return rows
+
+
+TAMPERINGS = {
+    "embeddings outside the cache": (_outside_embeddings, "is not a file name of this cache"),
+    "wider embeddings": (_rewrite_embeddings(lambda r: np.pad(r, ((0, 0), (0, 1)))
+                                             .astype(np.float16)),
+                         f"{len(COLOUR_NAMES) + 1} wide, the model's are {len(COLOUR_NAMES)}"),
+    "float32 embeddings": (_rewrite_embeddings(lambda r: r), "not float16"),
+    "a NaN row": (_rewrite_embeddings(lambda r: np.where(np.arange(len(r))[:, None] == 2, np.nan, r)
+                                      .astype(np.float16)), "non-finite"),
+    "a poisoned row": (_rewrite_embeddings(lambda r: _poisoned_row(r).astype(np.float16)),
+                       "not unit vectors"),
+    "paths of the wrong type": (lambda index, cache: index.update(paths="cam0/a.jpg"),
+                                "paths is a str, not a list"),
+    "a path leaving the gallery": (lambda index, cache: index["paths"].__setitem__(0, "../x.jpg"),
+                                   "'../x.jpg', which is not a path inside the gallery"),
+    "mtimes as a list": (lambda index, cache: index.update(mtimes=index["mtimes"].tolist()),
+                         "mtimes is not 18 integers"),
+    "another checkpoint's key": (lambda index, cache: index.update(key="0" * 16),
+                                 "made for key '0000000000000000'"),
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+def test_a_cache_is_validated_as_a_whole_and_rebuilt_on_any_mismatch(colour_run, gallery, caplog,
+                                                                     tampering):
+    run_dir, model = colour_run
+    folder, _ = gallery
+    total = len(PIDS) * IMAGES_PER_ID
+    query = ["--query", caption_of(26), "--topk", str(IMAGES_PER_ID)]
+    _retrieve(run_dir, folder, *query)
+    (cache,) = cache_folders(run_dir / "gallery_cache")
+    edit, reason = TAMPERINGS[tampering]
+    _edit_index(cache, edit)
+    with caplog.at_level(logging.WARNING):
+        result = _retrieve(run_dir, folder, *query)
+    assert f"gallery cache {cache} cannot be used" in caplog.text and reason in caplog.text
+    assert result["gallery"]["embedded"] == total and model.images_encoded == 2 * total
+    assert _pids_of(result["queries"][0]["matches"]) == [26] * IMAGES_PER_ID
+    assert sorted(p.name for p in cache.glob("emb-*.npy")) == [
+        torch.load(cache / "index.pt", weights_only=True)["embeddings"]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _retrieve(run_dir, folder, *query)["gallery"]["embedded"] == 0  # valid again
+    assert "cannot be used" not in caplog.text
+
+
+def test_topk_beyond_one_row_draws_every_image_the_header_counts(colour_run, gallery, monkeypatch):
+    run_dir, _ = colour_run
+    folder, paths = gallery
+    for k, rel in enumerate(p for rels in paths.values() for p in rels):
+        shutil.copyfile(folder / rel, folder / f"copy{k}_{os.path.basename(rel)}")
+    drawn = []
+    thumbnail = vis._thumbnail
+    monkeypatch.setattr(vis, "_thumbnail", lambda path: drawn.append(path) or thumbnail(path))
+    result = _retrieve(run_dir, folder, "--query", caption_of(11), "--topk", "30")
+    matches = result["queries"][0]["matches"]
+    assert len(matches) == 30 and drawn == [path for path, _ in matches]
+    with Image.open(result["queries"][0]["figure"]) as image:
+        assert image.size == vis.ranking_figure_size(20, 2)
 
 
 def test_empty_missing_and_unreadable_galleries_give_clear_messages(colour_run, gallery, tmp_path,
@@ -276,9 +414,24 @@ def test_real_checkpoint_end_to_end(gallery, tmp_path):
             model.encode_image(image[None]),
             model.encode_text(tokenize(["a woman in a red coat"], cfg.dataset.text_length)))
     assert matches[0][1] == pytest.approx(float(direct), abs=5e-3)
-    # A new checkpoint file (another mtime) gets its own cache.
+    # A rewritten checkpoint file (another mtime) gets its own cache; the old one is removed.
+    (first_cache,) = cache_folders(run_dir / "gallery_cache")
     stat = os.stat(run_dir / "last.pth")
     os.utime(run_dir / "last.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     again = _retrieve(run_dir, folder, *args)
     assert again["gallery"]["embedded"] == len(PIDS) * IMAGES_PER_ID
-    assert len(list(folder.glob(CACHE_PREFIX + "*"))) == 2
+    (second_cache,) = cache_folders(run_dir / "gallery_cache")
+    assert second_cache.name != first_cache.name
+
+
+def test_queries_without_words_are_refused_and_long_ones_warned(colour_run, gallery, caplog):
+    run_dir, model = colour_run
+    folder, _ = gallery
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="has no words to rank images by"):
+            _retrieve(run_dir, folder, "--query", "a man in red", "--query", blank)
+    assert model.images_encoded == 0  # refused before the gallery is embedded
+    with caplog.at_level(logging.WARNING):
+        result = _retrieve(run_dir, folder, "--query", "a person in red " * 20)
+    assert len(result["queries"][0]["matches"]) == 10
+    assert "--query has 82 tokens but the model reads 40" in caplog.text

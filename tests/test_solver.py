@@ -80,3 +80,22 @@ def test_optimizer_kernel_choice_and_a_clear_error_when_fused_is_missing(monkeyp
     monkeypatch.setattr(torch.optim, "AdamW", old_torch)
     with pytest.raises(ConfigError, match="solver.optimizer_kernel=fused is not available"):
         build_optimizer(model, kernel="fused", **args)
+
+
+def test_no_decay_names_name_parameters_of_the_model_and_the_router_groups():
+    """Each name in NO_DECAY_NAMES is a parameter of today's model (none left behind by a
+    rename); the router's prompt and mixing weight get no decay, its gates do."""
+    from conftest import ROOT, TINY_MODEL
+    from model import build_model
+    from solver.build import NO_DECAY_NAMES
+    from utils.config import load_config
+    model = build_model(load_config(ROOT / "configs" / "demo.yaml", TINY_MODEL))
+    names = [name for name, _ in model.named_parameters()]
+    for key in NO_DECAY_NAMES:
+        assert any(key in name for name in names), key
+    groups = param_groups(model, lr=1.0, weight_decay=0.1, lr_factor=5.0, bias_lr_factor=2.0)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    router = dict(model.head.blocks[0].moe.router.named_parameters())
+    assert {"alpha", "prompt", "gates.0.weight", "gates.1.weight", "aux_gate.weight"} <= set(router)
+    for name, param in router.items():
+        assert decay[id(param)] == (0.1 if "gate" in name and name.endswith("weight") else 0.0), name

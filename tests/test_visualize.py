@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ import visualize
 from conftest import ROOT, tiny_overrides
 from processor.runner import RunFolderError
 from utils import visualization as vis
+from utils.arguments import split_overrides
 from utils.config import ConfigError
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -128,8 +130,25 @@ def test_plots_accept_any_number_of_layers_and_experts(tmp_path):
 
 
 def test_split_overrides_keeps_query_text_with_equals_signs():
-    own, overrides = vis.split_overrides(
+    own, overrides = split_overrides(
         ["--indices", "1", "2", "device=cpu", "--query", "size=large coat", "eval.batch_size=8"],
         ("--query",))
     assert own == ["--indices", "1", "2", "--query", "size=large coat"]
     assert overrides == ["device=cpu", "eval.batch_size=8"]
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_query_without_words_is_refused(tiny_run, query):
+    with pytest.raises(ConfigError, match="has no words to rank images by"):
+        visualize.main(["--config_file", str(tiny_run / "configs.yaml"), "--query", query])
+
+
+def test_query_longer_than_the_context_is_used_with_a_warning(tiny_run, tmp_path, caplog):
+    query = "a man in a red coat with a black backpack " * 6  # 60 tokens; the model reads 24
+    with caplog.at_level("WARNING"):
+        result = visualize.main(["--config_file", str(tiny_run / "configs.yaml"), "--query",
+                                 query, "--out", str(tmp_path)])
+    assert len(result["queries"]) == 1
+    assert re.search(r"--query has 62 tokens but the model reads 24 \(dataset\.text_length\): "
+                     r"only \"a man in a red coat with a black backpack a man in a red coat "
+                     r"with a black backpack a man\" is used", caplog.text), caplog.text

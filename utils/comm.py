@@ -34,6 +34,12 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun numbers it (0 for a plain run), readable before
+    the process group exists: who logs while a run starts."""
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
 def launched_by_torchrun() -> bool:
     """True when torchrun started this process as one of several workers."""
     return ("RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -4,10 +4,12 @@ Every image under the folder (nested folders; .jpg .jpeg .png .bmp .webp; any
 size) is embedded once and cached; later searches only embed files that are
 new or changed since, and drop deleted ones.
 
-Cache: a folder `.comoe_gallery_cache_<key>` inside the gallery (or in
-`cache_dir`), where `key` hashes the checkpoint (resolved path, modification
-time, size) and whatever else changes the embeddings (image size, embedding
-mode). It holds
+Cache: under `cache_dir` (retrieve.py: the run's `gallery_cache/` unless
+--cache_dir says otherwise), a folder per gallery, `<name>-<hash of its
+resolved path>`, holding a folder per checkpoint, `<key>`, where `key` hashes
+the checkpoint file (resolved path, modification time, size) and whatever else
+changes the embeddings (image size, embedding mode). A checkpoint's folder holds
+  source.json     the checkpoint's resolved path, mtime_ns and size
   index.pt        paths relative to the gallery, their mtime_ns and size, and
                   the files that could not be read (so they are not retried
                   until they change); torch.save of plain data, loaded with
@@ -19,13 +21,24 @@ time: neither building nor searching holds the whole (N, D) matrix in RAM.
 index.pt is replaced atomically after the new embedding file is complete, so
 an interrupted run leaves the previous cache usable.
 
+A cache is validated as a whole before it is used: version and key, the
+embedding file is a plain file of that folder, every field has the type and
+length the index says, paths are relative and stay inside the gallery, and the
+embeddings are float16 of the model's width, finite and of unit norm. Any
+mismatch gives a warning and a rebuild. After each search the caches of the
+same gallery whose checkpoint file has since changed or gone are removed.
+
 Files and folders whose names start with "." are not part of the gallery.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import posixpath
+import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +56,12 @@ from utils.misc import autocast
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CACHE_PREFIX = ".comoe_gallery_cache_"
+LEGACY_CACHE_PREFIX = ".comoe_gallery_cache_"  # caches inside the gallery, no longer used
 CACHE_VERSION = 1
+SOURCE_FILE = "source.json"
+KEY_PATTERN = re.compile(r"[0-9a-f]{16}")
+EMBEDDINGS_PATTERN = re.compile(r"emb-[0-9a-f]{12}\.npy")
+NORM_TOLERANCE = 1e-2      # stored rows are unit vectors in float16
 SEARCH_CHUNK = 65536       # embedding rows scored per step of the search
 MAX_LISTED = 5             # unreadable paths named in a warning
 
@@ -95,12 +112,26 @@ def scan_gallery(root: Path) -> list[GalleryFile]:
     return found
 
 
-def gallery_cache_key(checkpoint: str | os.PathLike, *extra) -> str:
-    """16 hex digits identifying a checkpoint file (path, mtime, size) plus `extra` settings."""
+def checkpoint_source(checkpoint: str | os.PathLike) -> dict:
+    """The identity of a checkpoint file: resolved path, mtime_ns and size."""
     path = Path(checkpoint).resolve()
     stat = path.stat()
-    text = "|".join([str(path), str(stat.st_mtime_ns), str(stat.st_size), *map(str, extra)])
+    return {"checkpoint": str(path), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+
+
+def gallery_cache_key(checkpoint: str | os.PathLike, *extra) -> str:
+    """16 hex digits identifying a checkpoint file (path, mtime, size) plus `extra` settings."""
+    source = checkpoint_source(checkpoint)
+    text = "|".join([source["checkpoint"], str(source["mtime_ns"]), str(source["size"]),
+                     *map(str, extra)])
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def gallery_cache_folder(cache_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """The folder under `cache_dir` holding the caches of gallery `root` (one per checkpoint)."""
+    real = os.path.realpath(root)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(real)).strip("._") or "gallery"
+    return Path(cache_dir) / f"{name[:40]}-{hashlib.sha1(real.encode('utf-8')).hexdigest()[:8]}"
 
 
 class _GalleryImages(Dataset):
@@ -174,22 +205,121 @@ class GalleryIndex:
         return best_scores, best_rows
 
 
-def _load_cached(cache_dir: Path) -> dict | None:
+def _is_gallery_path(rel) -> bool:
+    """A "/"-separated path relative to the gallery that stays inside it."""
+    return (isinstance(rel, str) and rel != "" and "\\" not in rel and "\x00" not in rel
+            and not rel.startswith("/") and posixpath.normpath(rel) == rel
+            and rel.split("/")[0] != "..")
+
+
+def _is_long_vector(value, length: int) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.long and value.ndim == 1
+            and len(value) == length)
+
+
+def _index_problem(cached, key: str) -> str | None:
+    """What is wrong with an unpickled index.pt, or None."""
+    if not isinstance(cached, dict):
+        return f"the index holds a {type(cached).__name__}"
+    if cached.get("version") != CACHE_VERSION:
+        return f"cache version {cached.get('version')!r} != {CACHE_VERSION}"
+    if cached.get("key") != key:
+        return f"the index was made for key {cached.get('key')!r:.40}, not {key}"
+    name = cached.get("embeddings")
+    if not isinstance(name, str) or not EMBEDDINGS_PATTERN.fullmatch(name):
+        return f"embedding file {name!r:.80} is not a file name of this cache"
+    count = cached.get("count")
+    if type(count) is not int or count < 0:
+        return f"count {count!r:.40} is not a number of rows"
+    for field_name in ("paths", "bad_paths"):
+        paths = cached.get(field_name)
+        if not isinstance(paths, list):
+            return f"{field_name} is a {type(paths).__name__}, not a list"
+        bad = next((rel for rel in paths if not _is_gallery_path(rel)), None)
+        if bad is not None:
+            return f"{field_name} holds {bad!r:.80}, which is not a path inside the gallery"
+        if len(set(paths)) != len(paths):
+            return f"{field_name} lists a path twice"
+    if len(cached["paths"]) != count:
+        return f"the index lists {len(cached['paths'])} paths for {count} rows"
+    for prefix, length in (("", count), ("bad_", len(cached["bad_paths"]))):
+        for field_name in (f"{prefix}mtimes", f"{prefix}sizes"):
+            if not _is_long_vector(cached.get(field_name), length):
+                return f"{field_name} is not {length} integers"
+    return None
+
+
+def _embeddings_problem(embeddings: np.ndarray, count: int, embed_dim: int | None) -> str | None:
+    """What is wrong with a memory-mapped embedding file, or None; reads it a chunk at a time."""
+    if embeddings.dtype != np.float16 or embeddings.ndim != 2 or embeddings.shape[0] < count:
+        return (f"embeddings are {embeddings.dtype} of shape {embeddings.shape}, not float16 "
+                f"with at least {count} rows")
+    if embeddings.shape[1] < 1:
+        return "embeddings have no columns"
+    if embed_dim is not None and embeddings.shape[1] != embed_dim:
+        return f"embeddings are {embeddings.shape[1]} wide, the model's are {embed_dim}"
+    for start in range(0, count, SEARCH_CHUNK):
+        block = np.asarray(embeddings[start:min(start + SEARCH_CHUNK, count)], dtype=np.float32)
+        if not np.isfinite(block).all():
+            return "embeddings hold non-finite values"
+        if (np.abs(np.linalg.norm(block, axis=1) - 1.0) > NORM_TOLERANCE).any():
+            return "embeddings hold rows that are not unit vectors"
+    return None
+
+
+def _load_cached(cache_dir: Path, key: str, embed_dim: int | None) -> dict | None:
+    """The cache's index with its embeddings under "array", or None (with a warning when a
+    cache was there but is not valid as a whole)."""
     index_file = cache_dir / "index.pt"
     if not index_file.is_file():
         return None
     try:
         cached = torch.load(index_file, map_location="cpu", weights_only=True)
-        if cached.get("version") != CACHE_VERSION:
-            raise ValueError(f"cache version {cached.get('version')} != {CACHE_VERSION}")
-        embeddings = np.load(cache_dir / cached["embeddings"], mmap_mode="r")
-        if embeddings.shape[0] < cached["count"]:
-            raise ValueError("embedding file shorter than the index")
+        problem = _index_problem(cached, key)
+        if problem is None:
+            emb_path = cache_dir / cached["embeddings"]
+            if emb_path.is_symlink() or not emb_path.is_file():
+                problem = f"{cached['embeddings']} is not a file of the cache folder"
+            else:
+                embeddings = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+                problem = _embeddings_problem(embeddings, cached["count"], embed_dim)
     except Exception as err:  # noqa: BLE001 - any damage means: rebuild
-        logger.warning("gallery cache %s cannot be used (%s); rebuilding it", cache_dir, err)
+        problem = f"{type(err).__name__}: {err}"
+    if problem is not None:
+        logger.warning("gallery cache %s cannot be used (%s); rebuilding it", cache_dir, problem)
         return None
     cached["array"] = embeddings
     return cached
+
+
+def _write_source(cache_dir: Path, source: dict) -> None:
+    tmp = cache_dir / f".{SOURCE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(source), encoding="utf-8")
+    os.replace(tmp, cache_dir / SOURCE_FILE)
+
+
+def _checkpoint_changed(cache_dir: Path) -> bool:
+    """Whether the checkpoint a cache was made from is gone or has changed since (a cache
+    without a readable source.json counts as changed)."""
+    try:
+        source = json.loads((cache_dir / SOURCE_FILE).read_text(encoding="utf-8"))
+        return checkpoint_source(source["checkpoint"]) != source
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def _prune_stale_caches(gallery_dir: Path, keep: Path) -> None:
+    """Remove the caches of this gallery whose checkpoint file has changed or gone."""
+    for folder in sorted(gallery_dir.iterdir()):
+        if (folder == keep or not KEY_PATTERN.fullmatch(folder.name) or folder.is_symlink()
+                or not folder.is_dir() or not _checkpoint_changed(folder)):
+            continue
+        try:
+            shutil.rmtree(folder)
+            logger.info("removed %s, the gallery cache of a checkpoint that has changed or gone",
+                        folder)
+        except OSError as err:
+            logger.warning("could not remove the stale gallery cache %s (%s)", folder, err)
 
 
 def _prepare_cache_dir(cache_dir: Path) -> None:
@@ -204,8 +334,9 @@ def _prepare_cache_dir(cache_dir: Path) -> None:
 
 
 @torch.no_grad()
-def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable, *, key: str,
-                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable, *,
+                  checkpoint: str | os.PathLike, cache_dir: str | os.PathLike,
+                  settings: Sequence = (), embed_dim: int | None = None, batch_size: int = 64,
                   num_workers: int = 0, device: torch.device | str = "cpu",
                   precision: str = "fp32") -> GalleryIndex:
     """Embed the images under `root` that the cache does not hold yet; return the index.
@@ -213,8 +344,11 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
     Args:
         encoder: anything with `encode_image(B,3,H,W) -> (B, D)` (eval mode).
         transform: PIL image -> (3, H, W) tensor, e.g. build_eval_transform.
-        key: cache identity, e.g. `gallery_cache_key(checkpoint, image_size)`.
-        cache_dir: where the cache folder goes (default: `root` itself).
+        checkpoint: the weights file of `encoder`; with `settings` (e.g. the image
+            size) and `precision` it keys the cache, and its changing makes the cache
+            stale.
+        cache_dir: the folder that holds the caches (e.g. RUN/gallery_cache).
+        embed_dim: the encoder's embedding width, checked against a cached one.
 
     Unreadable images are skipped with one warning (count and the first few
     paths). Raises DatasetError when `root` is not a folder, holds no images,
@@ -228,9 +362,16 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
     if not files:
         raise DatasetError(f"gallery folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, "
                            f"nested folders included); point --gallery at a folder of person crops")
-    cache = Path(cache_dir or root) / f"{CACHE_PREFIX}{key}"
+    legacy = list(root.glob(LEGACY_CACHE_PREFIX + "*"))
+    if legacy:
+        logger.warning("%s holds %d embedding cache folder(s) of an earlier version, no longer "
+                       "used; remove them with: rm -r %s", root, len(legacy),
+                       os.path.join(root, LEGACY_CACHE_PREFIX + "*"))
+    key = gallery_cache_key(checkpoint, *settings, precision)
+    cache = gallery_cache_folder(cache_dir, root) / key
     _prepare_cache_dir(cache)
-    cached = _load_cached(cache)
+    _write_source(cache, checkpoint_source(checkpoint))
+    cached = _load_cached(cache, key, embed_dim)
 
     old_rows: dict[str, tuple[int, int, int]] = {}
     old_bad: dict[str, tuple[int, int]] = {}
@@ -259,6 +400,7 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
     if still_bad:
         _warn_unreadable(root, [os.path.join(root, f.rel) for f in still_bad], cached=True)
     if cached is not None and not to_embed and len(reused) == len(old_rows):  # up to date
+        _prune_stale_caches(cache.parent, keep=cache)
         return GalleryIndex(root, cache, list(cached["paths"]), cached["array"][:cached["count"]],
                             stats)
 
@@ -297,6 +439,7 @@ def index_gallery(encoder: Encoder, root: str | os.PathLike, transform: Callable
     logger.info("gallery %s: %d images indexed (%d embedded now, %d from the cache, %d removed, "
                 "%d unreadable)", root, len(paths), stats["embedded"], stats["reused"], removed,
                 len(bad))
+    _prune_stale_caches(cache.parent, keep=cache)
     embeddings = np.load(cache / emb_name, mmap_mode="r")[:len(paths)]
     return GalleryIndex(root, cache, paths, embeddings, stats)
 
@@ -383,11 +526,8 @@ class Match:
     score: float   # cosine similarity
 
 
-def search_gallery(encoder: Encoder, index: GalleryIndex, texts: Sequence[str],
-                   tokenize: Callable, k: int, device: torch.device | str = "cpu",
-                   precision: str = "fp32") -> list[list[Match]]:
-    """The top-k gallery images of each text, best first."""
-    queries = encode_queries(encoder, texts, tokenize, device, precision)
+def search_gallery(index: GalleryIndex, queries: torch.Tensor, k: int) -> list[list[Match]]:
+    """The top-k gallery images of each query embedding (`encode_queries`), best first."""
     scores, rows = index.search(queries, k)
     return [[Match(index.path(r), s) for r, s in zip(row.tolist(), score.tolist())]
             for row, score in zip(rows, scores)]

@@ -6,7 +6,7 @@
 - `plot_routing`: expert usage per CoMoE layer (images and text side by side)
   and the normalised usage entropy per layer, from a run's test_metrics.json.
 - `plot_routing_comparison`: the same statistics for several runs in one figure.
-- `load_run`: rebuild a run's model from its configs.yaml and a checkpoint.
+- `load_run`: rebuild a run's model from its config and a checkpoint.
 - `rank_split_queries`: rank captions (from the test split or free text)
   against the test gallery.
 
@@ -28,12 +28,17 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from utils.config import is_number
+
 logger = logging.getLogger(__name__)
 
 DPI = 100
 COLUMN_WIDTH_IN = 1.5      # one ranked image per column
 SIDE_MARGIN_IN = 0.25
-RANKING_HEIGHT_IN = 5.0
+RANKING_HEIGHT_IN = 5.0    # caption band and one row of images
+CAPTION_BAND_IN = 1.8      # from the top of the figure to the first row's images
+IMAGE_BAND_IN = 2.75       # height of a row's images
+ROW_STEP_IN = 3.4          # from one row's images to the next (titles and labels between)
 CAPTION_LINES = 4          # longer captions are cut with an ellipsis
 MAX_FIGURE_COLUMNS = 20    # a ranking figure shows at most this many images
 MATCH_COLOUR = "#2ca02c"
@@ -53,10 +58,10 @@ def slugify(text: str, max_chars: int = 40) -> str:
     return f"{words or 'query'}_{digest}"
 
 
-def ranking_figure_size(num_columns: int) -> tuple[int, int]:
-    """(width, height) in pixels of a `render_ranking` PNG with `num_columns` columns."""
+def ranking_figure_size(num_columns: int, num_rows: int = 1) -> tuple[int, int]:
+    """(width, height) in pixels of a `render_ranking` PNG of `num_rows` rows of `num_columns`."""
     width_in = 2 * SIDE_MARGIN_IN + COLUMN_WIDTH_IN * num_columns
-    return round(width_in * DPI), round(RANKING_HEIGHT_IN * DPI)
+    return round(width_in * DPI), round((RANKING_HEIGHT_IN + ROW_STEP_IN * (num_rows - 1)) * DPI)
 
 
 def _wrap_caption(caption: str, chars_per_line: int) -> str:
@@ -98,34 +103,37 @@ def _save(fig, path: str | os.PathLike) -> Path:
 # -- ranking figure -------------------------------------------------------------
 
 def render_ranking(path: str | os.PathLike, caption: str, image_paths: Sequence[str],
-                   scores: Sequence[float], *, num_columns: int = 10,
+                   scores: Sequence[float], *, num_columns: int = 10, num_rows: int = 1,
                    matches: Sequence[bool] | None = None, status: str = "",
                    status_colour: str = "black", labels: Sequence[str] | None = None) -> Path:
-    """Write one query's ranking as a PNG of `ranking_figure_size(num_columns)` pixels.
+    """Write one query's ranking as a PNG of `ranking_figure_size(num_columns, num_rows)` pixels.
 
     Args:
         caption: the query text, wrapped on top (at most CAPTION_LINES lines).
         image_paths, scores: the ranked gallery images (best first) and their
-            cosine similarities; at most `num_columns` are drawn.
+            cosine similarities; at most `num_columns * num_rows` are drawn, row by row.
         matches: per image, True (same identity: green border) or False (red);
             None draws neutral grey borders (no ground truth).
         status: a line under the caption, e.g. "first correct match: rank 3".
         labels: a short text under each image (an identity, a file name).
     """
     width_in = 2 * SIDE_MARGIN_IN + COLUMN_WIDTH_IN * num_columns
-    fig = _new_figure(width_in, RANKING_HEIGHT_IN)
+    height_in = RANKING_HEIGHT_IN + ROW_STEP_IN * (num_rows - 1)
+    fig = _new_figure(width_in, height_in)
     chars_per_line = int((width_in - 2 * SIDE_MARGIN_IN) * 72 / (11 * 0.55))
-    fig.text(SIDE_MARGIN_IN / width_in, 0.975, _wrap_caption(caption, chars_per_line),
-             ha="left", va="top", fontsize=11)
+    fig.text(SIDE_MARGIN_IN / width_in, 1 - 0.125 / height_in,
+             _wrap_caption(caption, chars_per_line), ha="left", va="top", fontsize=11)
     if status:
-        fig.text(SIDE_MARGIN_IN / width_in, 0.735, status, ha="left", va="top", fontsize=11,
-                 fontweight="bold", color=status_colour)
-    bottom, top = 0.09, 0.64  # image band, as figure fractions
+        fig.text(SIDE_MARGIN_IN / width_in, 1 - 1.325 / height_in, status, ha="left", va="top",
+                 fontsize=11, fontweight="bold", color=status_colour)
     column = COLUMN_WIDTH_IN / width_in
     pad = 0.06 * column
-    for i in range(min(num_columns, len(image_paths))):
-        ax = fig.add_axes((SIDE_MARGIN_IN / width_in + i * column + pad, bottom,
-                           column - 2 * pad, top - bottom))
+    for i in range(min(num_columns * num_rows, len(image_paths))):
+        row, col = divmod(i, num_columns)
+        top = height_in - CAPTION_BAND_IN - row * ROW_STEP_IN  # inches from the bottom
+        ax = fig.add_axes((SIDE_MARGIN_IN / width_in + col * column + pad,
+                           (top - IMAGE_BAND_IN) / height_in, column - 2 * pad,
+                           IMAGE_BAND_IN / height_in))
         colour = NEUTRAL_COLOUR if matches is None else (
             MATCH_COLOUR if matches[i] else MISMATCH_COLOUR)
         image = _thumbnail(image_paths[i])
@@ -163,7 +171,31 @@ def read_expert_stats(run_dir: str | os.PathLike) -> dict:
     if not experts:
         raise RunFolderError(f"{path} has no 'experts' entry: the run has no CoMoE head "
                              f"(model.head=none), so there is no routing to plot")
+    problem = _expert_stats_problem(experts)
+    if problem:
+        raise RunFolderError(f"{path}: {problem}; rerun test.py to rewrite it")
     return experts
+
+
+def _expert_stats_problem(experts) -> str | None:
+    """What is wrong with an "experts" entry, or None: {"image"|"text": {"usage": one list
+    of per-expert shares per layer, "entropy": one number per layer}}."""
+    if not isinstance(experts, dict) or not set(experts) & {"image", "text"}:
+        return f"'experts' must map image/text to statistics, got {experts!r:.80}"
+    for modality, stats in experts.items():
+        where = f"experts.{modality}"
+        if not isinstance(stats, dict) or not {"usage", "entropy"} <= set(stats):
+            return f"'{where}' must hold 'usage' and 'entropy', got {stats!r:.80}"
+        usage, entropy = stats["usage"], stats["entropy"]
+        if not (isinstance(usage, list) and usage and all(
+                isinstance(layer, list) and layer and all(map(is_number, layer))
+                for layer in usage)):
+            return f"'{where}.usage' must be a list of per-layer lists of numbers, got {usage!r:.80}"
+        if not (isinstance(entropy, list) and len(entropy) == len(usage)
+                and all(map(is_number, entropy))):
+            return (f"'{where}.entropy' must be a list of {len(usage)} numbers (one per layer), "
+                    f"got {entropy!r:.80}")
+    return None
 
 
 def _usage_bars(ax, groups: Sequence[tuple[str, Sequence[float], str]], title: str) -> None:
@@ -297,31 +329,42 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | os.PathLike | None) -> P
            else "; train the run first or pass --checkpoint PATH"))
 
 
-def load_run(config_file: str | os.PathLike, overrides: Sequence[str] = (),
-             checkpoint: str | os.PathLike | None = None) -> LoadedRun:
-    """Rebuild the model of a run folder from its saved configs.yaml and load its weights.
+def load_run(cfg, run_dir: Path, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
+    """The model of the run in `run_dir` (`processor.runner.run_folder_of`), built from
+    its resolved config `cfg`, with the weights of a checkpoint (as test.py loads one).
 
     The checkpoint is `checkpoint`, else the config's `checkpoint.path`, else
-    best.pth of the run folder, else last.pth. `num_classes` comes from the
-    checkpoint, the device from the config's `device`.
+    best.pth of the run folder, else last.pth. `num_classes` and every weight come
+    from the checkpoint (model.pretrain is not read), the device from the config's
+    `device`.
     """
-    from model import build_model
-    from utils.checkpoint import load_checkpoint, load_model_state
-    from utils.config import load_config, to_plain
+    from processor.runner import configure_backends, load_for_evaluation
     from utils.misc import resolve_device
-    config_file = Path(config_file)
-    cfg = load_config(config_file, overrides)
-    run_dir = config_file.resolve().parent
     path = resolve_checkpoint(run_dir, checkpoint or cfg.checkpoint.path or None)
-    ckpt = load_checkpoint(path)
     device = resolve_device(cfg.device)
-    model = build_model(cfg, num_classes=ckpt.get("num_classes"))
-    load_model_state(model, ckpt, to_plain(cfg), source=str(path))
-    del ckpt
-    return LoadedRun(cfg, model.to(device).eval(), device, run_dir, path)
+    configure_backends(cfg)
+    model, _ = load_for_evaluation(cfg, path, device)
+    return LoadedRun(cfg, model.eval(), device, run_dir, path)
 
 
 # -- ranking test-split queries ------------------------------------------------
+
+def check_queries(queries: Sequence[str], context_length: int) -> None:
+    """Refuse queries without words (ConfigError); warn about those longer than the
+    model's `context_length` tokens, which only count up to there."""
+    from utils.config import ConfigError
+    from utils.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    for text in queries:
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ConfigError(f"--query {text!r} has no words to rank images by; describe "
+                              f"the person, e.g. --query \"a woman in a red coat\"")
+        if len(ids) + 2 > context_length:  # + start and end of text
+            kept = tokenizer.decode(ids[:context_length - 2]).strip()
+            logger.warning("--query has %d tokens but the model reads %d (dataset.text_length): "
+                           "only \"%s\" is used", len(ids) + 2, context_length, kept)
+
 
 @dataclass
 class RankedQuery:
@@ -340,13 +383,14 @@ class RankedQuery:
     def matches(self) -> list[bool] | None:
         return None if self.pid is None else [p == self.pid for p in self.pids]
 
-    def status(self, num_columns: int) -> tuple[str, str]:
-        """The line under the caption and its colour."""
+    def status(self, num_shown: int) -> tuple[str, str]:
+        """The line under the caption and its colour (green: a correct match is among the
+        `num_shown` images drawn)."""
         if self.pid is None:
             return "free-text query (no ground truth)", "black"
         if self.first_correct is None:
             return f"identity {self.pid}: no image of it in the gallery", MISMATCH_COLOUR
-        colour = MATCH_COLOUR if self.first_correct <= num_columns else MISMATCH_COLOUR
+        colour = MATCH_COLOUR if self.first_correct <= num_shown else MISMATCH_COLOUR
         return (f"identity {self.pid}, first correct match: rank {self.first_correct}", colour)
 
 
@@ -390,32 +434,12 @@ def rank_split_queries(model, split, cfg, device: torch.device, indices: Sequenc
     return out
 
 
-def render_query(query: RankedQuery, path: str | os.PathLike, num_columns: int) -> Path:
-    status, colour = query.status(num_columns)
+def render_query(query: RankedQuery, path: str | os.PathLike, num_columns: int,
+                 num_rows: int = 1) -> Path:
+    status, colour = query.status(num_columns * num_rows)
     labels = None if query.pid is None else [f"id {p}" for p in query.pids]
     caption = query.caption if query.index is None else f"[{query.index}] {query.caption}"
     return render_ranking(path, caption, query.paths, query.scores, num_columns=num_columns,
-                          matches=query.matches, status=status, status_colour=colour,
-                          labels=labels)
+                          num_rows=num_rows, matches=query.matches, status=status,
+                          status_colour=colour, labels=labels)
 
-
-OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
-
-
-def split_overrides(argv: Sequence[str],
-                    value_options: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate `key=value` config overrides from a script's own arguments.
-
-    Overrides may stand anywhere (also after an option taking several values);
-    a token right after one of `value_options` (e.g. --query) is always that
-    option's value, so a query text containing "=" stays a query.
-    """
-    own, overrides = [], []
-    previous = None
-    for token in argv:
-        if previous not in value_options and OVERRIDE_PATTERN.match(token):
-            overrides.append(token)
-        else:
-            own.append(token)
-        previous = token
-    return own, overrides
