@@ -1,6 +1,9 @@
 """retrieval_metrics against a slow, obviously-correct per-query loop and hand-computed cases."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +135,72 @@ def test_gradients_are_not_tracked():
     similarity.requires_grad_(True)
     metrics = retrieval_metrics(similarity * 2, query_pids, gallery_pids)
     assert all(isinstance(value, float) for value in metrics.values())
+
+
+@pytest.fixture
+def callers_threads():
+    """The caller's torch thread count, set to one more than it was (so neither 1 nor a default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    yield threads + 1
+    torch.set_num_threads(threads)
+
+
+def threads_of_a_new_thread() -> int:
+    """torch's thread count in a thread started now: it starts from the count last set in any thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(torch.get_num_threads).result()
+
+
+def spy_on_rank_keys(monkeypatch, fail: bool = False) -> list[tuple[int, int]]:
+    """(thread id, torch thread count) at each _rank_keys call, i.e. inside a chunk; raises if `fail`."""
+    import utils.metrics
+    seen, rank_keys = [], utils.metrics._rank_keys
+
+    def spy(*args, **kwargs):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        if fail:
+            raise RuntimeError("ranking failed")
+        return rank_keys(*args, **kwargs)
+
+    monkeypatch.setattr(utils.metrics, "_rank_keys", spy)
+    return seen
+
+
+def test_chunks_are_shared_by_threads_that_run_torch_on_one_thread(monkeypatch, callers_threads):
+    similarity, query_pids, gallery_pids = random_problem(11, 60, 45, 7, ties=True)
+    seen = spy_on_rank_keys(monkeypatch)
+    metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=4)
+    assert len(seen) == 2 * 15  # two calls per chunk
+    assert {count for _, count in seen} == {1}
+    assert threading.get_ident() not in {thread for thread, _ in seen}
+    assert len({thread for thread, _ in seen}) <= callers_threads
+    assert torch.get_num_threads() == callers_threads
+    assert threads_of_a_new_thread() == callers_threads
+    assert_close(metrics, reference_metrics(similarity, query_pids, gallery_pids))
+
+
+def test_callers_threads_are_restored_when_the_ranking_fails(monkeypatch, callers_threads):
+    similarity, query_pids, gallery_pids = random_problem(12, 20, 15, 4, ties=False)
+    seen = spy_on_rank_keys(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="ranking failed"):
+        retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=5)
+    assert seen and {count for _, count in seen} == {1}
+    assert torch.get_num_threads() == callers_threads
+    assert threads_of_a_new_thread() == callers_threads
+
+
+def test_one_caller_thread_ranks_in_the_callers_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        similarity, query_pids, gallery_pids = random_problem(13, 30, 20, 5, ties=True)
+        seen = spy_on_rank_keys(monkeypatch)
+        metrics = retrieval_metrics(similarity, query_pids, gallery_pids, chunk_size=7)
+        assert {thread for thread, _ in seen} == {threading.get_ident()}
+    finally:
+        torch.set_num_threads(threads)
+    assert_close(metrics, reference_metrics(similarity, query_pids, gallery_pids))
 
 
 def test_query_without_relevant_item_is_an_error():

@@ -17,10 +17,23 @@ item. With a usable model the candidates are a few percent of the gallery;
 with a random one they are most of it, and the cost approaches one binary
 search per similarity entry -- still no sort, and memory stays bounded by the
 chunk.
+
+Threads: on the CPU, chunks are shared out whole among as many Python threads
+as the caller's torch thread count, and each runs its chunk's ops on one torch
+thread; the caller's thread settings are restored afterwards, also on an error.
+A chunk is a few dozen short ops. Split op by op among OpenMP threads (torch's
+default), every op ends at a barrier where the threads spin until all of them
+have had CPU time; beside other busy processes (a training run next to the
+evaluation) that made the ranking 3-5x slower. Whole chunks per thread meet
+only once, at the end. The NaN check over the whole block and the final sums
+keep the caller's threads: they are single large ops, and the sums round as
+they always did, so the metrics do not depend on how the chunks are shared.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -42,6 +55,25 @@ def _as_tensor(value, name: str) -> torch.Tensor:
                     f"got {type(value).__name__}")
 
 
+@contextmanager
+def _chunk_map(workers: int) -> Iterator[Callable]:
+    """`map` over chunks: with workers > 1, a pool of that many Python threads, each running torch on one thread.
+
+    torch's thread count is per thread, but a new thread starts from the count
+    last set anywhere, so the caller's count (`workers`) is set again on exit.
+    """
+    if workers == 1:
+        yield map
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="retrieval_metrics",
+                              initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        yield pool.map
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(workers)
+
+
 def _rank_keys(flat_index: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
                gallery_size: int) -> torch.Tensor:
     """(N,) int64 keys, distinct, and larger = ranked earlier within a chunk row.
@@ -60,6 +92,68 @@ def _rank_keys(flat_index: torch.Tensor, rows: torch.Tensor, scores: torch.Tenso
     # Negative floats sort inversely to their bit patterns: flip their magnitude bits.
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return torch.add(ordered, rows, alpha=(1 << 32) + 1).mul_(gallery_size).sub_(flat_index)
+
+
+def _rank_chunk(similarity: torch.Tensor, num_relevant: torch.Tensor, relevant_start: torch.Tensor,
+                gallery_order: torch.Tensor, max_relevant: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank of the first relevant item, AP and INP of each query of one chunk.
+
+    Args:
+        similarity: (C, G) similarities of the chunk's queries, any floating dtype.
+        num_relevant: (C,) relevant gallery items of each query, all >= 1.
+        relevant_start: (C,) where each query's relevant items begin in `gallery_order`.
+        gallery_order: (G,) gallery indices grouped by pid.
+        max_relevant: width of the AP row sums, the same for every chunk so that
+            the metrics do not depend on the chunking.
+
+    Returns:
+        (C,) int64 1-based rank of the first relevant item, (C,) float64 AP and
+        (C,) float64 INP.
+    """
+    num_rows, num_gallery = similarity.shape
+    device = similarity.device
+    scores = similarity.to(torch.float32).contiguous()  # C, G
+    flat_scores = scores.view(-1)  # C*G
+
+    # Relevant items, flat and grouped by row: R = sum of per-query counts.
+    segment_end = num_relevant.cumsum(0)  # C
+    segment_start = segment_end - num_relevant
+    total_relevant = int(segment_end[-1])
+    rel_row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_relevant,
+                                      output_size=total_relevant)  # R
+    within = torch.arange(total_relevant, device=device) - segment_start[rel_row]  # R
+    rel_col = gallery_order[relevant_start[rel_row] + within]  # R
+    rel_flat = rel_row * num_gallery + rel_col  # R
+    rel_score = flat_scores[rel_flat]  # R
+    # Sorting keeps rows in order, so row q's relevant items still occupy
+    # [segment_start[q], segment_end[q]), now ascending: `within` becomes the
+    # ascending position a, and a = 0 is the row's last-ranked relevant item.
+    rel_key = torch.sort(_rank_keys(rel_flat, rel_row, rel_score, num_gallery)).values  # R
+
+    # Everything ranked before a query's last relevant item scores >= that item.
+    lowest = torch.full((num_rows,), float("inf"), device=device)
+    lowest.scatter_reduce_(0, rel_row, rel_score, reduce="amin")  # C
+    cand = (scores >= lowest[:, None]).view(torch.uint8).view(-1).nonzero().squeeze(1)  # P, flat index
+    cand_row = torch.div(cand, num_gallery, rounding_mode="trunc")  # P
+    cand_key = _rank_keys(cand, cand_row, flat_scores[cand], num_gallery)  # P
+
+    # searchsorted counts the relevant items of its row a candidate outranks,
+    # plus all earlier rows' R; adding the row keeps each row's n_q + 1 bins apart.
+    bins = torch.searchsorted(rel_key, cand_key).add_(cand_row)  # P
+    histogram = torch.bincount(bins, minlength=total_relevant + num_rows)
+    prefix = torch.cat([histogram.new_zeros(1), histogram.cumsum(0)])  # R + C + 1
+
+    # The relevant item at ascending position a is outranked by exactly the
+    # candidates that outrank at least a + 1 of its row's relevant items.
+    row_base = segment_start[rel_row] + rel_row  # R
+    outranked_by = prefix[row_base + num_relevant[rel_row] + 1] - prefix[row_base + within + 1]
+    rank = outranked_by + 1  # R, 1-based
+    hits_so_far = num_relevant[rel_row] - within  # R, relevant items ranked at or before it
+
+    precision = torch.zeros(num_rows, max_relevant, dtype=torch.float64, device=device)
+    precision[rel_row, within] = hits_so_far / rank.to(torch.float64)
+    return (rank[segment_end - 1], precision.sum(1) / num_relevant,
+            num_relevant / rank[segment_start].to(torch.float64))
 
 
 def _check_inputs(similarity, query_pids, gallery_pids, ranks, chunk_size):
@@ -87,16 +181,16 @@ def _check_inputs(similarity, query_pids, gallery_pids, ranks, chunk_size):
     if not ranks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
                         for k in ranks):
         raise ValueError(f"retrieval_metrics: ranks must be positive integers, got {ranks}")
-    if chunk_size is None:
-        chunk_size = max(1, _AUTO_CHUNK_ENTRIES // num_gallery)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size < 1):
         raise ValueError(f"retrieval_metrics: chunk_size must be a positive integer or None, got {chunk_size!r}")
     if num_gallery > _MAX_ROWS_TIMES_GALLERY:
         raise ValueError(f"retrieval_metrics: at most {_MAX_ROWS_TIMES_GALLERY} gallery items are "
                          f"supported, got {num_gallery}")
     device = similarity.device
     return (similarity, query_pids.to(device=device, dtype=torch.int64),
-            gallery_pids.to(device=device, dtype=torch.int64), tuple(int(k) for k in ranks), int(chunk_size))
+            gallery_pids.to(device=device, dtype=torch.int64), tuple(int(k) for k in ranks),
+            None if chunk_size is None else int(chunk_size))
 
 
 @torch.no_grad()
@@ -111,11 +205,13 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, ranks: Sequence[int]
         gallery_pids: (G,) integer identity of each gallery item.
         ranks: the k of each "R{k}" key: percent of queries whose first relevant
             gallery item is ranked within the top k.
-        chunk_size: queries ranked per vectorised step. None picks about 8M
-            similarity entries per step. Working memory is chunk_size * G bytes
-            plus ~50 bytes per candidate (entry scoring at least its query's
-            lowest relevant score), so at most ~50 * chunk_size * G bytes, and
-            a float32 copy of the chunk when the input is not float32.
+        chunk_size: queries ranked per vectorised step. On the CPU, as many
+            steps run at once as torch has threads (see the module docstring).
+            None picks about 8M similarity entries for all the steps that run
+            at once. Working memory per step is chunk_size * G bytes plus ~50
+            bytes per candidate (entry scoring at least its query's lowest
+            relevant score), so at most ~50 * chunk_size * G bytes, and a
+            float32 copy of the chunk when the input is not float32.
 
     Returns:
         {"R1": .., "R5": .., "R10": .., "mAP": .., "mINP": ..} as Python floats
@@ -132,6 +228,9 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, ranks: Sequence[int]
         similarity, query_pids, gallery_pids, ranks, chunk_size)
     num_queries, num_gallery = similarity.shape
     device = similarity.device
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if chunk_size is None:  # about 8M similarity entries at a time, shared by the workers
+        chunk_size = max(1, _AUTO_CHUNK_ENTRIES // (num_gallery * workers))
 
     # Gallery grouped by pid: each query's relevant items are one slice of `gallery_order`.
     gallery_order = torch.argsort(gallery_pids, stable=True)  # G
@@ -158,57 +257,15 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, ranks: Sequence[int]
     # Per-query results are reduced once at the end, and each AP is a row sum over
     # a fixed width, so the metrics do not depend on chunk_size.
     max_relevant = int(query_num_relevant.max())
-    first_rank = torch.empty(num_queries, dtype=torch.int64, device=device)
-    average_precision = torch.empty(num_queries, dtype=torch.float64, device=device)
-    inverse_negative_penalty = torch.empty(num_queries, dtype=torch.float64, device=device)
 
-    for begin in range(0, num_queries, rows_per_chunk):
-        end = min(begin + rows_per_chunk, num_queries)
-        num_rows = end - begin
-        scores = similarity[begin:end].to(torch.float32).contiguous()  # C, G
-        flat_scores = scores.view(-1)  # C*G
+    def rank_chunk(begin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        end = begin + rows_per_chunk
+        return _rank_chunk(similarity[begin:end], query_num_relevant[begin:end], query_relevant_start[begin:end],
+                           gallery_order, max_relevant)
 
-        # Relevant items, flat and grouped by row: R = sum of per-query counts.
-        num_relevant = query_num_relevant[begin:end]  # C
-        segment_end = num_relevant.cumsum(0)  # C
-        segment_start = segment_end - num_relevant
-        total_relevant = int(segment_end[-1])
-        rel_row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_relevant,
-                                          output_size=total_relevant)  # R
-        within = torch.arange(total_relevant, device=device) - segment_start[rel_row]  # R
-        rel_col = gallery_order[query_relevant_start[begin:end][rel_row] + within]  # R
-        rel_flat = rel_row * num_gallery + rel_col  # R
-        rel_score = flat_scores[rel_flat]  # R
-        # Sorting keeps rows in order, so row q's relevant items still occupy
-        # [segment_start[q], segment_end[q]), now ascending: `within` becomes the
-        # ascending position a, and a = 0 is the row's last-ranked relevant item.
-        rel_key = torch.sort(_rank_keys(rel_flat, rel_row, rel_score, num_gallery)).values  # R
-
-        # Everything ranked before a query's last relevant item scores >= that item.
-        lowest = torch.full((num_rows,), float("inf"), device=device)
-        lowest.scatter_reduce_(0, rel_row, rel_score, reduce="amin")  # C
-        cand = (scores >= lowest[:, None]).view(torch.uint8).view(-1).nonzero().squeeze(1)  # P, flat index
-        cand_row = torch.div(cand, num_gallery, rounding_mode="trunc")  # P
-        cand_key = _rank_keys(cand, cand_row, flat_scores[cand], num_gallery)  # P
-
-        # searchsorted counts the relevant items of its row a candidate outranks,
-        # plus all earlier rows' R; adding the row keeps each row's n_q + 1 bins apart.
-        bins = torch.searchsorted(rel_key, cand_key).add_(cand_row)  # P
-        histogram = torch.bincount(bins, minlength=total_relevant + num_rows)
-        prefix = torch.cat([histogram.new_zeros(1), histogram.cumsum(0)])  # R + C + 1
-
-        # The relevant item at ascending position a is outranked by exactly the
-        # candidates that outrank at least a + 1 of its row's relevant items.
-        row_base = segment_start[rel_row] + rel_row  # R
-        outranked_by = prefix[row_base + num_relevant[rel_row] + 1] - prefix[row_base + within + 1]
-        rank = outranked_by + 1  # R, 1-based
-        hits_so_far = num_relevant[rel_row] - within  # R, relevant items ranked at or before it
-
-        precision = torch.zeros(num_rows, max_relevant, dtype=torch.float64, device=device)
-        precision[rel_row, within] = hits_so_far / rank.to(torch.float64)
-        average_precision[begin:end] = precision.sum(1) / num_relevant
-        inverse_negative_penalty[begin:end] = num_relevant / rank[segment_start].to(torch.float64)
-        first_rank[begin:end] = rank[segment_end - 1]
+    with _chunk_map(workers) as map_chunks:
+        chunks = list(map_chunks(rank_chunk, range(0, num_queries, rows_per_chunk)))
+    first_rank, average_precision, inverse_negative_penalty = (torch.cat(parts) for parts in zip(*chunks))
 
     metrics = {f"R{k}": 100.0 * int((first_rank <= k).sum()) / num_queries for k in ranks}
     metrics["mAP"] = 100.0 * float(average_precision.sum()) / num_queries
