@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,16 @@ def test_check_passes_a_good_dataset(data_root, capsys):
     assert check.main(["--root", data_root, "--dataset", "RSTPReid", "--verify_images"]) == 0
     out = capsys.readouterr().out
     assert "No problems found" in out and "captions" in out and re.search(r"\|\s+train\s+\|", out)
+
+
+def test_check_shows_the_validation_split_a_default_run_holds_out(data_root, capsys):
+    from datasets.build import statistics_table
+    from utils.config import load_config
+    seed = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml")).seed
+    assert check.main(["--root", data_root, "--dataset", "CUHK-PEDES", "--val_ids", "3"]) == 0
+    out = capsys.readouterr().out
+    run_split = statistics_table(build_dataset("CUHK-PEDES", data_root, val_ids=3, seed=seed))
+    assert f"seed {seed}" in out and str(run_split) in out
 
 
 def test_check_flags_a_deleted_image(data_root, tmp_path, capsys):
