@@ -18,7 +18,8 @@ from torch import nn
 from datasets import BadImageError
 from utils import comm
 from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state,
-                              load_model_state, restore_rng_state, sweep_temporaries)
+                              load_model_state, restore_rng_state, rng_state_for_rank,
+                              sweep_temporaries)
 from utils.config import to_plain
 from utils.errors import StopRequested, UserError
 from utils.logger import Progress
@@ -108,9 +109,13 @@ class Trainer:
         self._run_start: tuple[float, int] | None = None  # (time, global_step) of train()
 
     # -- checkpoints --------------------------------------------------------
-    def state(self) -> dict:
-        """The full training state (last.pth): everything `resume` restores."""
-        return {
+    def state(self, rng_ranks: list[dict] | None = None) -> dict:
+        """The full training state (last.pth): everything `resume` restores.
+
+        `rng_ranks`: every rank's random state, in rank order, when several processes
+        train (each draws its own dropout and MLM masks); "rng" is rank 0's.
+        """
+        state = {
             "model": self.core.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -123,9 +128,12 @@ class Trainer:
             "validation_pending": self.validation_pending,
             "nonfinite_steps": self.nonfinite_steps + self._unreported_nonfinite(),
             "num_classes": self.num_classes,
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state() if rng_ranks is None else rng_ranks[0],
             "config": to_plain(self.cfg),
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
+        return state
 
     def model_state(self, metrics: dict | None = None) -> dict:
         """What evaluating the model needs (best.pth): its weights, the config, the epoch,
@@ -151,8 +159,11 @@ class Trainer:
         stop together and last.pth keeps the last finite state."""
         self._check_finite_weights(name)
         path = self.run_dir / name
+        rng_ranks = None
+        if state is None and comm.get_world_size() > 1:  # every rank saves together
+            rng_ranks = comm.all_gather_object(capture_rng_state(), host=True)
         if comm.is_main_process():
-            atomic_save(self.state() if state is None else state, path)
+            atomic_save(self.state(rng_ranks) if state is None else state, path)
             sweep_temporaries(self.run_dir)
             logger.info("saved %s at step %d", path, self.global_step)
         if name == "last.pth":
@@ -192,7 +203,8 @@ class Trainer:
         self.best_epoch = ckpt["best_epoch"]
         self.validation_pending = bool(ckpt.get("validation_pending", False))
         self.nonfinite_steps = ckpt.get("nonfinite_steps", 0)
-        restore_rng_state(ckpt["rng"])
+        restore_rng_state(rng_state_for_rank(ckpt, comm.get_rank(), comm.get_world_size(),
+                                             self.cfg.seed))
         self._saved_at = self._position()
         logger.info("resumed from %s: %s, best val R1 %.2f%s", source, self._position(),
                     self.best_metric,

@@ -13,7 +13,7 @@ from torch import nn
 
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state, load_checkpoint,
-                              load_model_state, payload_bytes, restore_rng_state,
+                              load_model_state, payload_bytes, restore_rng_state, rng_state_for_rank,
                               sweep_temporaries)
 
 
@@ -149,3 +149,36 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     restore_rng_state(load_checkpoint(tmp_path / "r.pth")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _draws_after(state) -> tuple:
+    restore_rng_state(state)
+    return random.random(), np.random.rand(), torch.rand(1).item()
+
+
+def test_each_rank_resumes_its_own_random_state(tmp_path):
+    """Under torchrun each rank draws its own dropout and MLM masks; last.pth keeps
+    every rank's state and each rank continues its own, not rank 0's."""
+    states = []
+    for rank in range(3):
+        random.seed(rank), np.random.seed(rank), torch.manual_seed(rank)
+        states.append(capture_rng_state())
+    atomic_save({"model": {}, "rng": states[0], "rng_ranks": states, "global_step": 5}, tmp_path / "r.pth")
+    ckpt = load_checkpoint(tmp_path / "r.pth")
+    for rank in range(3):
+        random.seed(rank), np.random.seed(rank), torch.manual_seed(rank)
+        expected = (random.random(), np.random.rand(), torch.rand(1).item())
+        assert _draws_after(rng_state_for_rank(ckpt, rank, 3, seed=1)) == expected
+
+
+def test_ranks_seed_streams_of_their_own_when_the_process_count_changed(caplog):
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    saved = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    for ckpt in ({"rng": saved, "global_step": 7}, {"rng": saved, "rng_ranks": [saved] * 2, "global_step": 7}):
+        assert _draws_after(rng_state_for_rank(ckpt, 0, 4, seed=1)) == expected  # rank 0 continues
+        draws = [_draws_after(rng_state_for_rank(ckpt, rank, 4, seed=1)) for rank in range(1, 4)]
+        assert len({d for per_rank in draws for d in per_rank} | set(expected)) == 12  # all distinct
+        assert draws[0] == _draws_after(rng_state_for_rank(ckpt, 1, 4, seed=1))  # deterministic
+        assert draws[0] != _draws_after(rng_state_for_rank(dict(ckpt, global_step=8), 1, 4, seed=1))
+    assert "rank 1 seeds its random streams afresh" in caplog.text

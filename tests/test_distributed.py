@@ -314,6 +314,10 @@ def test_torchrun_two_processes_write_one_run_that_test_py_reproduces(synth_root
     for name in ("best.pth", "last.pth"):
         ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
         assert not any(k.startswith("module.") for k in ckpt["model"]), name
+    # last.pth keeps each rank's random state (own dropout and MLM masks), rank 0's as "rng".
+    states = ckpt["rng_ranks"]
+    assert len(states) == WORLD_SIZE and torch.equal(ckpt["rng"]["torch"], states[0]["torch"])
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
 
     # test.py, one process, on the saved config: the sharded evaluation's numbers.
     saved = json.loads((run / "test_metrics.json").read_text())

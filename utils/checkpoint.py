@@ -251,6 +251,36 @@ def capture_rng_state() -> dict:
     return state
 
 
+def rng_state_for_rank(ckpt: Mapping, rank: int, world_size: int, seed: int) -> dict:
+    """The random state that `rank` of `world_size` resumes from.
+
+    A checkpoint written by several processes holds each rank's state
+    (`rng_ranks`), so every rank continues its own dropout and masking streams.
+    Where the process count changed, or the file holds one state only, rank 0
+    takes the saved state and every other rank seeds its generators from
+    (seed, rank, the step reached), a stream of its own again.
+    """
+    states = ckpt.get("rng_ranks")
+    if states is not None and len(states) == world_size:
+        return dict(states[rank])
+    saved = dict(ckpt["rng"] if states is None else states[0])
+    if rank == 0:
+        return saved
+    logger.warning("the checkpoint holds the random state of %d process(es), this run has %d: "
+                   "rank %d seeds its random streams afresh", 1 if states is None else len(states),
+                   world_size, rank)
+    derived = (seed * 1_000_003 + rank * 7_919 + int(ckpt.get("global_step", 0))) % (1 << 62)
+    python = random.Random(derived).getstate()
+    numpy = np.random.RandomState(derived % (1 << 32)).get_state()
+    state = {"python": [python[0], list(python[1]), python[2]],
+             "numpy": [numpy[0], torch.from_numpy(numpy[1].astype(np.int64)), int(numpy[2]),
+                       int(numpy[3]), float(numpy[4])],
+             "torch": torch.Generator().manual_seed(derived).get_state()}
+    if "cuda" in saved:
+        state["cuda_seed"] = derived
+    return state
+
+
 def restore_rng_state(state: Mapping) -> None:
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
@@ -259,3 +289,5 @@ def restore_rng_state(state: Mapping) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_seed" in state and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(state["cuda_seed"])

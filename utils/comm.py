@@ -115,12 +115,12 @@ def shard_bounds(num_items: int, rank: int | None = None,
     return start, start + base + (1 if rank < extra else 0)
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's picklable `obj`, in rank order."""
+def all_gather_object(obj: Any, host: bool = False) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order; `host`: over `host_group` (no GPU)."""
     if not is_dist():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=host_group() if host else None)
     return out
 
 
