@@ -24,12 +24,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from utils.misc import require_torch
     require_torch()
-    from processor.runner import run_training
+    from processor.runner import follow_moved_run, run_training
     from utils.comm import launch_rank
     from utils.config import load_config
     from utils.logger import setup_logger
     setup_logger(None, rank=launch_rank())  # before load_config, whose warnings are logged too
     cfg = load_config(args.config_file, args.opts)
+    follow_moved_run(cfg, args.config_file, args.opts)
     return run_training(cfg)
 
 

@@ -63,6 +63,33 @@ def run_folder_of(config_file: str | Path, cfg) -> Path:
     return config_file.parent if config_file.name == CONFIG_NAME else run_folder(cfg)
 
 
+def follow_moved_run(cfg, config_files: list[str], opts: list[str]) -> None:
+    """resume=true from a run's saved configs.yaml: resume the run where that file is now.
+
+    configs.yaml holds the absolute output_dir it was trained under, so after the run
+    folder was moved (to another disk, another user's home) it would resume in, or be
+    refused at, the old place. When the folder still ends in <dataset.name>/<name>,
+    `cfg.output_dir` is pointed at its new parent (a path, which a resume may change);
+    otherwise the error says why. An explicit output_dir=... or name=... wins.
+    """
+    if not cfg.resume or len(config_files) != 1 or Path(config_files[0]).name != CONFIG_NAME:
+        return
+    if any(opt.split("=", 1)[0].strip() in ("output_dir", "name") for opt in opts):
+        return
+    here, there = Path(config_files[0]).resolve().parent, run_folder(cfg).resolve()
+    if here == there:
+        return
+    if here.name != cfg.name or here.parent.name != cfg.dataset.name:
+        raise RunFolderError(
+            f"resume=true with {here / CONFIG_NAME}: that file belongs to the run folder {there}, "
+            f"and the folder it is in now does not end in {cfg.dataset.name}/{cfg.name}, so it "
+            f"cannot be that run's folder. Rename it to .../{cfg.dataset.name}/{cfg.name}, or "
+            f"resume from {there / CONFIG_NAME}.")
+    logger.warning("resume=true: the run folder was moved from %s to %s; the run continues "
+                   "there (output_dir=%s)", there, here, here.parent.parent)
+    cfg.output_dir = str(here.parent.parent)
+
+
 def load_dataset(cfg, generate: bool = False):
     """The config's dataset. With `generate` (training only) and dataset.generate, a
     missing dataset is first generated; evaluation never generates data, so that it

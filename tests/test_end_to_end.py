@@ -236,6 +236,28 @@ def test_scoring_and_resuming_need_no_clip_file(synth_root, tmp_path):
     assert load_checkpoint(run / "last.pth")["epoch"] == 2
 
 
+def test_a_moved_run_folder_resumes_where_it_is_now(synth_root, tmp_path):
+    """configs.yaml holds the absolute output_dir of training; resuming from the file after
+    the run folder was moved continues in the new place and leaves the old one alone."""
+    train_script.main(["--config_file", CONFIG, *tiny_overrides(synth_root, tmp_path / "old"),
+                       "solver.num_epoch=1"])
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    run = tmp_path / "new" / "CUHK-PEDES" / "tiny"
+    train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true", "solver.num_epoch=2"])
+    assert not (tmp_path / "old").exists()
+    assert load_checkpoint(run / "last.pth")["epoch"] == 2
+    assert "output_dir" in (run / "resumes.yaml").read_text()
+    assert f"output_dir: {tmp_path / 'new'}" in (run / "configs.yaml").read_text()
+    assert "the run folder was moved from" in (run / "train.log").read_text()
+
+    # A folder whose name cannot be the run's is refused, naming both places.
+    shutil.move(run, tmp_path / "new" / "CUHK-PEDES" / "renamed")
+    with pytest.raises(RunFolderError, match=r"does not end in CUHK-PEDES/tiny"):
+        train_script.main(["--config_file", str(tmp_path / "new" / "CUHK-PEDES" / "renamed" / "configs.yaml"),
+                           "resume=true", "solver.num_epoch=3"])
+    assert not run.exists()
+
+
 def test_test_py_without_best_checkpoint_says_what_is_there(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
