@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -172,6 +173,7 @@ class ImageCache:
         index_file = cache_dir / f"images_{image_size[0]}x{image_size[1]}_{slot}.json"
         cache = cls._load_index(index_file, key, paths, image_size)
         if cache is None:
+            _sweep_stale_builds(cache_dir)
             cache = cls._build(index_file, key, paths, image_size, num_workers, skip_bad_images,
                                interpolation, load_truncated)
         cache.array  # map now: a later rebuild may remove the file, but not an open map of it
@@ -321,6 +323,36 @@ def _randint(u: torch.Tensor, high: torch.Tensor | int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+
+_TEMPORARY = re.compile(r"images_.+\.(?:npy|json)\.tmp(?P<pid>\d+)")
+
+
+_STALE_AFTER_S = 300  # a build writes its file continuously; one of another host shows as recent
+
+
+def _sweep_stale_builds(cache_dir: Path) -> None:
+    """Remove the temporary files of cache builds whose process is gone (a SIGKILL or a
+    node failure during a build leaves one the size of the whole cache). A pid can only
+    be probed on this host, so a file also has to be untouched for _STALE_AFTER_S: a
+    build running on another host that shares the folder keeps writing to its file."""
+    from utils.checkpoint import _is_live_process_of_ours
+    freed, now = 0, time.time()
+    for entry in cache_dir.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or int(match["pid"]) == os.getpid() or _is_live_process_of_ours(int(match["pid"])):
+            continue
+        try:
+            stat = entry.stat()
+            if now - stat.st_mtime < _STALE_AFTER_S:
+                continue
+            entry.unlink()
+            freed += stat.st_size
+        except FileNotFoundError:
+            continue
+    if freed:
+        logger.info("removed the temporary files of interrupted image-cache builds in %s (%.2f GB)",
+                    cache_dir, freed / 1e9)
+
 
 @dataclass
 class AugmentParams:

@@ -96,6 +96,32 @@ def test_cache_is_rebuilt_when_an_image_changes(private_root, tmp_path):
     assert len(new_files) == 2 and new_files[0] == old_files[0] and new_files[1] != old_files[1]  # same index file
 
 
+def test_a_build_killed_earlier_leaves_no_temporary_file_behind(dataset, tmp_path):
+    """A SIGKILL during a build leaves images_*.npy.tmp<pid> (the whole cache's size); the
+    next build removes it once its process is gone and it is no longer written to."""
+    dead = 2 ** 22 + 1  # above the default pid_max: no such process
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    stale = tmp_path / f"images_8x4_abc_def.npy.tmp{dead}"
+    recent = tmp_path / f"images_8x4_abc.json.tmp{dead}"
+    live = tmp_path / f"images_8x4_abc_def.npy.tmp{os.getppid()}"
+    other = tmp_path / f"notes.npy.tmp{dead}"
+    for path in (stale, recent, live, other):
+        path.write_bytes(b"x" * 100)
+    old = os.stat(stale).st_mtime - cache_module._STALE_AFTER_S - 1
+    for path in (stale, live, other):
+        os.utime(path, (old, old))
+    ImageCache.open(train_paths(dataset), SIZE, tmp_path)
+    assert not stale.exists()
+    assert recent.exists() and live.exists() and other.exists()
+
+
 def test_cache_is_separate_per_image_size_and_image_set(dataset, tmp_path):
     paths = train_paths(dataset)
     small = ImageCache.open(paths, (32, 16), tmp_path)
