@@ -496,6 +496,14 @@ def run_test(cfg, config_file: str | Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     comm.barrier()
     setup_logger(run_dir, rank=comm.get_rank(), filename="test.log")
-    result = evaluate_checkpoint(cfg, checkpoint, model, epoch, dataset, device, run_dir)
+    try:
+        result = evaluate_checkpoint(cfg, checkpoint, model, epoch, dataset, device, run_dir)
+    except BaseException as err:  # test.log tells the whole story (the console has it already)
+        if isinstance(err, (UserError, StopRequested)):
+            log_to_file(logging.ERROR, f"{type(err).__name__}: {err}")
+        else:
+            log_to_file(logging.ERROR, f"test failed: {type(err).__name__}: {err}",
+                        exc_info=(type(err), err, err.__traceback__))
+        raise
     comm.cleanup()
     return result

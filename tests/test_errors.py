@@ -92,6 +92,21 @@ def finished_run(synth_root, tmp_path_factory):
     return out / "CUHK-PEDES" / "done"
 
 
+def test_a_failing_test_py_writes_its_error_to_test_log(finished_run, monkeypatch, capsys):
+    import processor.runner
+    from processor.evaluator import LeakAuditError
+
+    def leaky(*args, **kwargs):
+        raise LeakAuditError("embeddings depend on other samples in the batch")
+
+    monkeypatch.setattr(processor.runner, "evaluate", leaky)
+    code, err = _cli(test_script.main, ["--config_file", str(finished_run / "configs.yaml")],
+                     monkeypatch, capsys)
+    assert code == 1 and "embeddings depend on other samples" in _one_line(err)
+    log = (finished_run / "test.log").read_text()
+    assert "LeakAuditError: embeddings depend on other samples in the batch" in log
+
+
 def test_checkpoint_whose_model_entry_is_not_a_state_dict(finished_run, tmp_path, monkeypatch,
                                                          capsys):
     ckpt = torch.load(finished_run / "best.pth", weights_only=True)
