@@ -41,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -171,9 +172,9 @@ class ImageCache:
         slot = _slot(paths, image_size, decoding)
         key = _key(paths, image_size, decoding)
         index_file = cache_dir / f"images_{image_size[0]}x{image_size[1]}_{slot}.json"
+        _sweep_stale_builds(cache_dir)
         cache = cls._load_index(index_file, key, paths, image_size)
         if cache is None:
-            _sweep_stale_builds(cache_dir)
             cache = cls._build(index_file, key, paths, image_size, num_workers, skip_bad_images,
                                interpolation, load_truncated)
         cache.array  # map now: a later rebuild may remove the file, but not an open map of it
@@ -204,7 +205,7 @@ class ImageCache:
                skip_bad_images: bool, interpolation: str, load_truncated: bool) -> "ImageCache":
         height, width = image_size
         data_file = index_file.with_name(f"{index_file.stem}_{key}.npy")
-        tmp = data_file.with_name(f"{data_file.name}.tmp{os.getpid()}")
+        tmp = data_file.with_name(_temporary_name(data_file.name))
         size_gb = len(paths) * 3 * height * width / 1e9
         logger.info("building image cache %s: %d images at %dx%d (%.2f GB)", data_file, len(paths), height, width,
                     size_gb)
@@ -244,7 +245,7 @@ class ImageCache:
             pass
         index = {"version": CACHE_VERSION, "key": key, "image_size": [height, width], "data_file": data_file.name,
                  "bad_paths": sorted(bad), "paths": paths}
-        tmp_index = index_file.with_name(f"{index_file.name}.tmp{os.getpid()}")
+        tmp_index = index_file.with_name(_temporary_name(index_file.name))
         tmp_index.write_text(json.dumps(index))
         os.replace(tmp_index, index_file)
         if previous and previous != data_file.name:
@@ -324,26 +325,32 @@ def _randint(u: torch.Tensor, high: torch.Tensor | int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 
-_TEMPORARY = re.compile(r"images_.+\.(?:npy|json)\.tmp(?P<pid>\d+)")
+# images_<...>.npy|json.tmp.<host>.<pid> (and .tmp<pid>, the name before hosts were recorded)
+_TEMPORARY = re.compile(r"images_.+\.(?:npy|json)\.tmp(?:\.(?P<host>.+)\.)?(?P<pid>\d+)")
+_OTHER_HOST_STALE_S = 3600  # a build writes its file continuously; an hour untouched is a dead one
 
 
-_STALE_AFTER_S = 300  # a build writes its file continuously; one of another host shows as recent
+def _temporary_name(name: str) -> str:
+    return f"{name}.tmp.{socket.gethostname()}.{os.getpid()}"
 
 
 def _sweep_stale_builds(cache_dir: Path) -> None:
     """Remove the temporary files of cache builds whose process is gone (a SIGKILL or a
-    node failure during a build leaves one the size of the whole cache). A pid can only
-    be probed on this host, so a file also has to be untouched for _STALE_AFTER_S: a
-    build running on another host that shares the folder keeps writing to its file."""
+    node failure during a build leaves one the size of the whole cache). A build of
+    this host is gone when its pid is; one of another host sharing the folder cannot be
+    probed, so its file must also have been untouched for _OTHER_HOST_STALE_S."""
     from utils.checkpoint import _is_live_process_of_ours
-    freed, now = 0, time.time()
+    freed, now, host = 0, time.time(), socket.gethostname()
     for entry in cache_dir.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or int(match["pid"]) == os.getpid() or _is_live_process_of_ours(int(match["pid"])):
+        if match is None:
+            continue
+        pid, here = int(match["pid"]), match["host"] in (None, host)
+        if here and (pid == os.getpid() or _is_live_process_of_ours(pid)):
             continue
         try:
             stat = entry.stat()
-            if now - stat.st_mtime < _STALE_AFTER_S:
+            if not here and now - stat.st_mtime < _OTHER_HOST_STALE_S:
                 continue
             entry.unlink()
             freed += stat.st_size

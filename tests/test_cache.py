@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -96,30 +97,39 @@ def test_cache_is_rebuilt_when_an_image_changes(private_root, tmp_path):
     assert len(new_files) == 2 and new_files[0] == old_files[0] and new_files[1] != old_files[1]  # same index file
 
 
-def test_a_build_killed_earlier_leaves_no_temporary_file_behind(dataset, tmp_path):
-    """A SIGKILL during a build leaves images_*.npy.tmp<pid> (the whole cache's size); the
-    next build removes it once its process is gone and it is no longer written to."""
-    dead = 2 ** 22 + 1  # above the default pid_max: no such process
+def _dead_pid() -> int:
+    pid = 2 ** 22 + 1  # above the default pid_max
     while True:
         try:
-            os.kill(dead, 0)
-            dead += 1
+            os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return pid
         except PermissionError:
-            dead += 1
-    stale = tmp_path / f"images_8x4_abc_def.npy.tmp{dead}"
-    recent = tmp_path / f"images_8x4_abc.json.tmp{dead}"
-    live = tmp_path / f"images_8x4_abc_def.npy.tmp{os.getppid()}"
-    other = tmp_path / f"notes.npy.tmp{dead}"
-    for path in (stale, recent, live, other):
+            pass
+        pid += 1
+
+
+def test_a_build_killed_earlier_leaves_no_temporary_file_behind(dataset, tmp_path):
+    """A SIGKILL during a build leaves images_*.npy.tmp.<host>.<pid>, the whole cache's
+    size; the next open removes it once its process is gone, also when the cache itself
+    is already valid. Another host's file is removed only after an hour untouched (its
+    build, if alive, keeps writing it)."""
+    paths = train_paths(dataset)
+    ImageCache.open(paths, SIZE, tmp_path)  # a valid cache: the sweep must not need a rebuild
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = tmp_path / f"images_8x4_abc_def.npy.tmp.{host}.{dead}"
+    legacy = tmp_path / f"images_8x4_abc.json.tmp{dead}"
+    live = tmp_path / f"images_8x4_abc_def.npy.tmp.{host}.{os.getppid()}"
+    elsewhere_recent = tmp_path / f"images_8x4_abc_def.npy.tmp.other-node.{dead}"
+    elsewhere_old = tmp_path / f"images_8x4_abc_xyz.npy.tmp.other-node.{dead}"
+    unrelated = tmp_path / f"notes.npy.tmp.{host}.{dead}"
+    for path in (stale, legacy, live, elsewhere_recent, elsewhere_old, unrelated):
         path.write_bytes(b"x" * 100)
-    old = os.stat(stale).st_mtime - cache_module._STALE_AFTER_S - 1
-    for path in (stale, live, other):
-        os.utime(path, (old, old))
-    ImageCache.open(train_paths(dataset), SIZE, tmp_path)
-    assert not stale.exists()
-    assert recent.exists() and live.exists() and other.exists()
+    old = os.stat(elsewhere_old).st_mtime - cache_module._OTHER_HOST_STALE_S - 1
+    os.utime(elsewhere_old, (old, old))
+    ImageCache.open(paths, SIZE, tmp_path)
+    assert not stale.exists() and not legacy.exists() and not elsewhere_old.exists()
+    assert live.exists() and elsewhere_recent.exists() and unrelated.exists()
 
 
 def test_cache_is_separate_per_image_size_and_image_set(dataset, tmp_path):
