@@ -17,8 +17,10 @@ def run_cli(main) -> int:
     """Run `main(argv)` and return the process exit code (see the module docstring)."""
     try:
         main(sys.argv[1:])
-    except StopRequested as stop:  # state saved, resumable
-        sys.stderr.write(f"{stop}\n")
+    except StopRequested as stop:  # state saved, resumable; every rank stops together
+        from utils.comm import launch_rank
+        if launch_rank() == 0:
+            sys.stderr.write(f"{stop}\n")
         return stop.exit_code
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")

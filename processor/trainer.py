@@ -527,7 +527,7 @@ class Trainer:
                    if self.validation_pending else "")
         raise StopRequested(
             f"stopped by {signal.Signals(signum).name} at {self._position()}; state saved to "
-            f"{self.run_dir / 'last.pth'}{pending}. Resume with: python train.py "
+            f"{self.run_dir / 'last.pth'}{pending}. Resume with: {comm.train_command()} "
             f"--config_file {self.run_dir / 'configs.yaml'} resume=true", signum)
 
     def _progress(self, steps: int) -> Progress:

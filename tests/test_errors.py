@@ -54,6 +54,31 @@ def test_stopped_run_exits_with_128_plus_the_signal(monkeypatch, capsys, signum)
     assert err == "stopped; resume with ...\n"
 
 
+@pytest.mark.parametrize("env, command", [
+    ({}, "python train.py"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, "torchrun --nproc_per_node=4 train.py"),
+    ({"RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"},
+     "torchrun --nnodes=2 --nproc_per_node=8 <your rendezvous options> train.py"),
+])
+def test_resume_commands_name_the_launcher_of_the_run(monkeypatch, env, command):
+    from utils.comm import train_command
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert train_command() == command
+
+
+def test_a_stop_under_torchrun_is_reported_once(monkeypatch, capsys):
+    def stopped(argv):
+        raise StopRequested("stopped; resume with ...", signal.SIGTERM)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("1", ""), ("0", "stopped; resume with ...\n")):
+        monkeypatch.setenv("RANK", rank)
+        code, err = _cli(stopped, [], monkeypatch, capsys)
+        assert code == 143 and err == expected
+
+
 def test_error_classes_share_one_base():
     from datasets.pedes import BadImageError, DatasetError
     from model.clip_model import CheckpointMismatchError, PretrainedWeightsUnavailable

@@ -46,6 +46,19 @@ def launched_by_torchrun() -> bool:
             and int(os.environ["WORLD_SIZE"]) > 1)
 
 
+def train_command() -> str:
+    """How this run was launched, for the resume commands it prints: `python train.py`,
+    or torchrun with this run's process counts (a resume keeps every rank's random state)."""
+    if not launched_by_torchrun():
+        return "python train.py"
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local == world:
+        return f"torchrun --nproc_per_node={local} train.py"
+    return (f"torchrun --nnodes={world // local} --nproc_per_node={local} "
+            f"<your rendezvous options> train.py")
+
+
 def backend_for(device: torch.device) -> str:
     """The collective backend for tensors on `device`: NCCL for CUDA, Gloo otherwise."""
     return "nccl" if device.type == "cuda" else "gloo"
