@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -74,24 +75,25 @@ def follow_moved_run(cfg, config_files: list[str], opts: list[str]) -> None:
     """
     if not cfg.resume or len(config_files) != 1 or Path(config_files[0]).name != CONFIG_NAME:
         return
-    if any(opt.split("=", 1)[0].strip() in ("output_dir", "name") for opt in opts):
+    if any(opt.split("=", 1)[0].strip() == "output_dir" for opt in opts):
         return
-    here, there = Path(config_files[0]).resolve().parent, run_folder(cfg).resolve()
-    if here == there:
+    here = Path(os.path.abspath(config_files[0])).parent  # as given: a symlinked folder keeps its name
+    there = run_folder(cfg)
+    if here.resolve() == there.resolve():
         return
     if here.name != cfg.name or here.parent.name != cfg.dataset.name:
         raise RunFolderError(
             f"resume=true with {here / CONFIG_NAME}: that file belongs to the run folder {there}, "
             f"and the folder it is in now does not end in {cfg.dataset.name}/{cfg.name}, so it "
-            f"cannot be that run's folder. Rename it to .../{cfg.dataset.name}/{cfg.name}, or "
-            f"resume from {there / CONFIG_NAME}.")
+            f"cannot be that run's folder. Rename the folder to {cfg.name} (inside a folder "
+            f"named {cfg.dataset.name}), or resume from {there / CONFIG_NAME}.")
     logger.warning("resume=true: the run folder was moved from %s to %s; the run continues "
                    "there (output_dir=%s)", there, here, here.parent.parent)
     cfg.output_dir = str(here.parent.parent)
 
 
 def load_dataset(cfg, generate: bool = False):
-    """The config's dataset. With `generate` (training only) and dataset.generate, a
+    """The config's dataset. With `generate` (a new training run) and dataset.generate, a
     missing dataset is first generated; evaluation never generates data, so that it
     cannot score a run on data other than its own."""
     get_dataset_class(cfg.dataset.name)  # an unknown name fails before anything is generated
@@ -111,8 +113,8 @@ def load_dataset(cfg, generate: bool = False):
             raise
         from datasets.synth import FORMAT_OF_DATASET
         raise DatasetError(
-            f"{err} Evaluation never generates data (dataset.generate=true applies to "
-            f"training only). To recreate this run's generated data: python -m "
+            f"{err} Evaluation and resumed training never generate data (dataset.generate=true "
+            f"applies to a new run only). To recreate this run's generated data: python -m "
             f"datasets.synth --root {root} --format {FORMAT_OF_DATASET[cfg.dataset.name]} "
             f"--num_ids {cfg.dataset.generate_num_ids} --seed {cfg.seed}") from err
 
@@ -213,7 +215,7 @@ def _taken_hint(run_dir: Path, names: list[str]) -> str:
     if CONFIG_NAME not in names:
         listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         return f" and holds {listed}: no {CONFIG_NAME}, so no run of this codebase to resume"
-    command = f"python train.py --config_file {run_dir / CONFIG_NAME} resume=true"
+    command = f"{comm.train_command()} --config_file {run_dir / CONFIG_NAME} resume=true"
     if "last.pth" in names:
         return f". To continue it: {command}"
     why = "; its train.log says why" if "train.log" in names else ""
@@ -294,10 +296,18 @@ def run_training(cfg) -> dict:
                        "save); training starts from the beginning", run_dir)
     for difference in differences:
         logger.warning("resume: %s", difference)
+    if ckpt is not None:
+        trained_with = len(ckpt.get("rng_ranks") or [None])
+        if trained_with != comm.get_world_size():
+            logger.warning("resume: the run was trained by %d process(es), it continues with %d: "
+                           "the global batch is the same, but the run is no longer the one an "
+                           "uninterrupted run would have been (other random streams)",
+                           trained_with, comm.get_world_size())
     set_seed(cfg.seed, cfg.deterministic)
     configure_backends(cfg)
 
-    dataset = load_dataset(cfg, generate=True)
+    # A resume never generates data: it must train on the data it was trained on.
+    dataset = load_dataset(cfg, generate=ckpt is None)
     logger.info("%s in %s:\n%s", cfg.dataset.name, cfg.dataset.root_dir, statistics_table(dataset))
     if ckpt is not None and ckpt.get("num_classes") not in (None, dataset.num_train_pids):
         raise DatasetError(
@@ -408,7 +418,7 @@ def _log_failure(err: BaseException, run_dir: Path) -> None:
     if (not isinstance(err, StopRequested)  # a stop says what to do next itself
             and "last.pth" not in str(err) and (run_dir / "last.pth").is_file()):
         logger.error("the last saved state is in %s; after fixing the cause, resume with: "
-                     "python train.py --config_file %s resume=true", run_dir / "last.pth",
+                     "%s --config_file %s resume=true", run_dir / "last.pth", comm.train_command(),
                      run_dir / CONFIG_NAME)
 
 

@@ -257,6 +257,40 @@ def test_a_moved_run_folder_resumes_where_it_is_now(synth_root, tmp_path):
                            "resume=true", "solver.num_epoch=3"])
     assert not run.exists()
 
+    # A symlink named like the run is the run's folder where it stands.
+    link = tmp_path / "linked" / "CUHK-PEDES" / "tiny"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tmp_path / "new" / "CUHK-PEDES" / "renamed")
+    train_script.main(["--config_file", str(link / "configs.yaml"), "resume=true", "solver.num_epoch=3"])
+    assert load_checkpoint(link / "last.pth")["epoch"] == 3
+    assert f"output_dir: {tmp_path / 'linked'}" in (link / "configs.yaml").read_text()
+
+
+def test_a_resume_never_generates_data_and_warns_of_another_process_count(synth_root, tmp_path):
+    """Generated data belongs to the start of a run: a resume whose data is gone is an error
+    that gives the command recreating it, instead of generating data (possibly at the old
+    place of a moved project). A run resumed by another number of processes says so."""
+    data = tmp_path / "data"
+    overrides = tiny_overrides(synth_root, tmp_path) + [f"dataset.root_dir={data}", "solver.num_epoch=1",
+                                                       "dataset.generate_num_ids=40"]
+    train_script.main(["--config_file", CONFIG, *overrides])
+    run = tmp_path / "CUHK-PEDES" / "tiny"
+    generated = sorted(p.relative_to(data) for p in data.rglob("*"))
+    shutil.rmtree(data)
+    from datasets import DatasetError
+    with pytest.raises(DatasetError, match=r"resumed training never generate data.*datasets\.synth"):
+        train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true", "solver.num_epoch=2"])
+    assert not data.exists()
+
+    subprocess.run([sys.executable, "-m", "datasets.synth", "--root", str(data), "--format", "cuhk",
+                    "--num_ids", "40", "--seed", "1"], cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == generated
+    last = load_checkpoint(run / "last.pth")
+    last["rng_ranks"] = [last["rng"], last["rng"]]  # as if two processes had trained it
+    torch.save(last, run / "last.pth")
+    train_script.main(["--config_file", str(run / "configs.yaml"), "resume=true", "solver.num_epoch=2"])
+    assert "trained by 2 process(es), it continues with 1" in (run / "train.log").read_text()
+
 
 def test_test_py_without_best_checkpoint_says_what_is_there(tmp_path):
     run = tmp_path / "run"
