@@ -177,14 +177,19 @@ def timed(device: torch.device, fn, *args):
     return time.perf_counter() - start, out
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Build the data, time the similarity and the metrics, report everything as a dict."""
+def _setup(args: argparse.Namespace):
+    """A worker's threads, device and synthetic embeddings (with their pids) of --size."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     num_queries, num_gallery, num_ids = SIZES[args.size]
-    queries, gallery, query_pids, gallery_pids = make_embeddings(
-        num_queries, num_gallery, num_ids, args.features, args.seed, device)
+    return (device, *make_embeddings(num_queries, num_gallery, num_ids, args.features, args.seed, device))
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Build the data, time the similarity and the metrics, report everything as a dict."""
+    device, queries, gallery, query_pids, gallery_pids = _setup(args)
+    num_queries, num_gallery = len(queries), len(gallery)
     timed_queries = num_queries
     if args.worker == "reference" and args.ref_queries:
         timed_queries = min(args.ref_queries, num_queries)
@@ -224,12 +229,8 @@ def run_paired(args: argparse.Namespace) -> dict:
     different moments. The reference ranks the first --ref-queries queries and
     its time is scaled to all of them.
     """
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    num_queries, num_gallery, num_ids = SIZES[args.size]
-    queries, gallery, query_pids, gallery_pids = make_embeddings(
-        num_queries, num_gallery, num_ids, args.features, args.seed, device)
+    device, queries, gallery, query_pids, gallery_pids = _setup(args)
+    num_queries = len(queries)
     ref_queries = min(args.ref_queries or num_queries, num_queries)
     impls = implementations(args.chunk_size)
     for compute in impls.values():

@@ -339,14 +339,14 @@ def _sweep_stale_builds(cache_dir: Path) -> None:
     node failure during a build leaves one the size of the whole cache). A build of
     this host is gone when its pid is; one of another host sharing the folder cannot be
     probed, so its file must also have been untouched for _OTHER_HOST_STALE_S."""
-    from utils.checkpoint import _is_live_process_of_ours
+    from utils.checkpoint import is_live_process_of_ours
     freed, now, host = 0, time.time(), socket.gethostname()
     for entry in cache_dir.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
         if match is None:
             continue
         pid, here = int(match["pid"]), match["host"] in (None, host)
-        if here and (pid == os.getpid() or _is_live_process_of_ours(pid)):
+        if here and (pid == os.getpid() or is_live_process_of_ours(pid)):
             continue
         try:
             stat = entry.stat()

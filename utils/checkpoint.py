@@ -118,7 +118,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
-def _is_live_process_of_ours(pid: int) -> bool:
+def is_live_process_of_ours(pid: int) -> bool:
     """Whether `pid` runs here under this user (signal 0 probes without signalling).
 
     Elsewhere than POSIX the probe is unavailable, so every pid counts as live."""
@@ -152,7 +152,7 @@ def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
         if match is None or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and _is_live_process_of_ours(pid):
+        if pid != os.getpid() and is_live_process_of_ours(pid):
             continue
         try:
             size = entry.stat(follow_symlinks=False).st_size
